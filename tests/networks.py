@@ -1,0 +1,102 @@
+"""The test zoo: small seeded networks and inputs shared by the whole test suite.
+
+Every case is a :class:`Case` (network, input factory, parameter selector) built in the
+default dtype (float64 under ``conftest.py``). Cases with BatchNorm carry non-trivial
+running statistics so that eval mode matters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Case:
+    name: str
+    make_network: Callable[[], nn.Module]
+    make_inputs: Callable[[int], torch.Tensor]
+    params: object = None  # selector passed to Linearization(params=...)
+
+    def build(self, n: int = 6, seed: int = 0):
+        torch.manual_seed(seed)
+        net = self.make_network()
+        return net, self.make_inputs(n)
+
+
+def _mlp(act: type[nn.Module], d_in: int = 3, width: int = 8, d_out: int = 1) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(d_in, width), act(), nn.Linear(width, width), act(), nn.Linear(width, d_out)
+    )
+
+
+def _cnn(d_out: int = 2) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, stride=2),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 2 * 2, d_out),
+    )
+
+
+def _batchnorm() -> nn.Module:
+    net = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2))
+    with torch.no_grad():  # non-trivial running statistics
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+    return net
+
+
+def _layernorm() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 1))
+
+
+def _tab(n: int) -> torch.Tensor:
+    return torch.randn(n, 3)
+
+
+def _img(n: int) -> torch.Tensor:
+    return torch.randn(n, 1, 6, 6)
+
+
+CASES: list[Case] = [
+    Case("tanh_mlp", lambda: _mlp(nn.Tanh), _tab),
+    Case("relu_mlp", lambda: _mlp(nn.ReLU), _tab),
+    Case("cnn", _cnn, _img),
+    Case("multi_output", lambda: _mlp(nn.Tanh, d_out=3), _tab),
+    Case("batchnorm", _batchnorm, _tab),
+    Case("layernorm", _layernorm, _tab),
+    Case("last_layer", lambda: _mlp(nn.Tanh, d_out=2), _tab, params=["4.weight", "4.bias"]),
+    Case(
+        "predicate_weights",
+        lambda: _mlp(nn.Tanh),
+        _tab,
+        params=lambda name, p: name.endswith("weight"),
+    ),
+]
+CASE_IDS = [c.name for c in CASES]
+
+
+def snapshot(net: nn.Module) -> dict:
+    """Everything about a network that pyro_ntk must leave bitwise unchanged."""
+    return {
+        "params": {n: p.detach().clone() for n, p in net.named_parameters()},
+        "requires_grad": {n: p.requires_grad for n, p in net.named_parameters()},
+        "buffers": {n: b.detach().clone() for n, b in net.named_buffers()},
+        "training": [m.training for m in net.modules()],
+    }
+
+
+def assert_unchanged(net: nn.Module, before: dict) -> None:
+    after = snapshot(net)
+    assert after["training"] == before["training"]
+    assert after["requires_grad"] == before["requires_grad"]
+    for kind in ("params", "buffers"):
+        assert after[kind].keys() == before[kind].keys()
+        for n, t in before[kind].items():
+            assert torch.equal(after[kind][n], t), f"{kind} {n} changed"
