@@ -1,8 +1,44 @@
 """pyro_ntk: trained neural networks as Gaussian processes with their empirical NTK, in Pyro."""
 
+from pyro_ntk.distributions import LinearizedNetwork as LinearizedNetwork
+from pyro_ntk.fisher import FisherLinearOperator as FisherLinearOperator
+from pyro_ntk.kernels import EmpiricalNTK as EmpiricalNTK
+from pyro_ntk.kernels import NTKKernel as NTKKernel
 from pyro_ntk.linearization import Linearization as Linearization
 from pyro_ntk.linearization import NTKImplementation as NTKImplementation
+from pyro_ntk.means import NetworkMean as NetworkMean
+from pyro_ntk.models.classification import gp_class_probabilities as gp_class_probabilities
+from pyro_ntk.models.classification import ntk_gp_classifier as ntk_gp_classifier
+from pyro_ntk.models.laplace import LinearizedLaplace as LinearizedLaplace
+from pyro_ntk.models.linearized import LinearizedModel as LinearizedModel
+from pyro_ntk.models.regression import NTKGPRegression as NTKGPRegression
+from pyro_ntk.operators import JacobianLinearOperator as JacobianLinearOperator
+from pyro_ntk.operators import NTKLinearOperator as NTKLinearOperator
+from pyro_ntk.preconditioners import FisherPreconditioner as FisherPreconditioner
+from pyro_ntk.preconditioners import NystromPreconditioner as NystromPreconditioner
+from pyro_ntk.preconditioners import make_preconditioner as make_preconditioner
+from pyro_ntk.solvers import SolverDiagnostics as SolverDiagnostics
 
 __version__ = "0.1.0"
 
-__all__ = ["Linearization", "NTKImplementation", "__version__"]
+__all__ = [
+    "EmpiricalNTK",
+    "FisherLinearOperator",
+    "FisherPreconditioner",
+    "JacobianLinearOperator",
+    "Linearization",
+    "LinearizedLaplace",
+    "LinearizedModel",
+    "LinearizedNetwork",
+    "NTKGPRegression",
+    "NTKImplementation",
+    "NTKKernel",
+    "NTKLinearOperator",
+    "NetworkMean",
+    "NystromPreconditioner",
+    "SolverDiagnostics",
+    "__version__",
+    "gp_class_probabilities",
+    "ntk_gp_classifier",
+    "make_preconditioner",
+]

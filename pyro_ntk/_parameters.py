@@ -43,11 +43,16 @@ class ParameterSpace:
             )
         named = list(network.named_parameters())
         if not named:
-            raise ValueError(f"{where}: network has no parameters to linearize.")
+            raise ValueError(
+                f"{where}: network ({type(network).__name__}) has no parameters to linearize; "
+                f"expected at least one."
+            )
         selected = _select(named, params, where)
         if not selected:
+            hint = " (params=None selects those with requires_grad=True)" if params is None else ""
             raise ValueError(
-                f"{where}: params selected no parameters; the network has {[n for n, _ in named]}."
+                f"{where}: params selected no parameters{hint}; expected at least one of "
+                f"{[n for n, _ in named]}."
             )
         dtypes = {p.dtype for _, p in named}
         devices = {p.device for _, p in named}
@@ -129,7 +134,18 @@ def _select(named: list[tuple[str, nn.Parameter]], params: ParamSelector, where:
         raise TypeError(
             f"{where}: params must be a list of names, not the single string {params!r}."
         )
+    if not isinstance(params, Iterable):
+        raise TypeError(
+            f"{where}: params must be None, a list of parameter names or a predicate "
+            f"(name, parameter) -> bool, got {type(params).__name__}."
+        )
     wanted = list(params)
+    not_names = sorted({type(n).__name__ for n in wanted if not isinstance(n, str)})
+    if not_names:
+        raise TypeError(
+            f"{where}: params must list parameter names (str), got entries of type {not_names}; "
+            f"to select parameters by object use a predicate, e.g. lambda name, p: p is w."
+        )
     known = {n for n, _ in named}
     unknown = [n for n in wanted if n not in known]
     if unknown:

@@ -21,8 +21,14 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from pyro_ntk._checks import check_inputs, check_positive_int, check_tensor, check_vector
-from pyro_ntk._engines import Engine, FuncTorchEngine
+from pyro_ntk._checks import (
+    check_finite,
+    check_inputs,
+    check_positive_int,
+    check_tensor,
+    check_vector,
+)
+from pyro_ntk._engines import CachedEngine, Engine, FuncTorchEngine, StructuredEngine, make_plan
 from pyro_ntk._parameters import ParameterSpace, ParamSelector
 
 
@@ -32,11 +38,28 @@ class NTKImplementation(str, enum.Enum):
     FUNCTORCH = "functorch"
     """``torch.func`` vjp + jvp under ``vmap``: generic, any network (the reference path)."""
 
+    CACHED = "cached"
+    """``torch.func`` closures (vjp pullback, ``linearize``) built once per (chunk, θ*) and
+    reused by every later product on the same rows; generic, any network."""
+
+    STRUCTURED = "structured"
+    """Cached per-layer factors (inputs and output sensitivities) of ``nn.Linear`` and
+    ``nn.Conv2d`` layers: about two forward-sized matrix products per layer per product and a
+    Jacobian-free dense kernel; other parameters go through cached ``torch.func`` closures."""
+
     AUTO = "auto"
-    """Choose from the network's module types and sizes (currently ``functorch``)."""
+    """Choose from the network's module types and sizes (``structured`` when Linear/Conv2d
+    layers hold most of the parameters, else ``cached``); see ``implementation_reason``."""
 
 
-_ENGINES: dict[NTKImplementation, type[Engine]] = {NTKImplementation.FUNCTORCH: FuncTorchEngine}
+_ENGINES: dict[NTKImplementation, type[Engine]] = {
+    NTKImplementation.FUNCTORCH: FuncTorchEngine,
+    NTKImplementation.CACHED: CachedEngine,
+    NTKImplementation.STRUCTURED: StructuredEngine,
+}
+
+_STRUCTURED_SHARE = 0.5
+"""``auto`` picks ``structured`` when factored layers hold at least this share of P."""
 
 
 class Linearization:
@@ -96,9 +119,33 @@ class Linearization:
         self._output_dim: int | None = None
         self._accepted: set[tuple[int, ...]] = set()
 
-    @staticmethod
-    def _choose(requested: NTKImplementation) -> NTKImplementation:
-        return NTKImplementation.FUNCTORCH if requested is NTKImplementation.AUTO else requested
+    def _choose(self, requested: NTKImplementation) -> NTKImplementation:
+        """Resolve ``auto`` by module types and sizes; record why in ``implementation_reason``."""
+        if requested is not NTKImplementation.AUTO:
+            self.implementation_reason = f"requested {requested.value!r}"
+            return requested
+        plan = make_plan(self.network, self.space)
+        share = plan.structured_fraction(self.space)
+        kinds = sorted({layer.kind for layer in plan.layers})
+        if plan.layers and share >= _STRUCTURED_SHARE:
+            rest = f"; generic path for {plan.generic}" if plan.generic else ""
+            self.implementation_reason = (
+                f"auto: {kinds} layers hold {share:.0%} of the {self.num_params} linearized "
+                f"parameters{rest}"
+            )
+            return NTKImplementation.STRUCTURED
+        self.implementation_reason = (
+            f"auto: Linear/Conv2d layers that can be factored hold {share:.0%} of the "
+            f"{self.num_params} linearized parameters (< {_STRUCTURED_SHARE:.0%}); generic "
+            f"closures cached per chunk"
+        )
+        return NTKImplementation.CACHED
+
+    def clear_cache(self) -> None:
+        """Release the engine's per-chunk cache (activations or factors), if it keeps one."""
+        clear = getattr(self.engine, "clear_cache", None)
+        if clear is not None:
+            clear()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -145,15 +192,16 @@ class Linearization:
     def _check_X(self, where: str, name: str, X: object) -> Tensor:
         X = check_inputs(where, name, X, self.dtype, self.device)
         feature_shape = tuple(X.shape[1:])
-        if feature_shape not in self._accepted:
+        key = (feature_shape, str(X.dtype))  # integer inputs (token ids) vary in dtype
+        if key not in self._accepted:
             try:
                 with self._eval_mode():
                     out = self.engine.forward(X[:1])
             except (RuntimeError, ValueError, TypeError, IndexError) as exc:
                 seen = f" (accepted so far: {sorted(self._accepted)})" if self._accepted else ""
                 raise ValueError(
-                    f"{where}: {name} has shape {tuple(X.shape)}, whose feature shape "
-                    f"{feature_shape} the network rejects{seen}: {exc}"
+                    f"{where}: {name} has shape {tuple(X.shape)} and dtype {X.dtype}, whose "
+                    f"feature shape {feature_shape} or dtype the network rejects{seen}: {exc}"
                 ) from exc
             o = out.shape[-1]
             if self._output_dim is not None and o != self._output_dim:
@@ -162,7 +210,7 @@ class Linearization:
                     f"example; earlier inputs gave {self._output_dim}."
                 )
             self._output_dim = o
-            self._accepted.add(feature_shape)
+            self._accepted.add(key)
         return X
 
     def _scale(self, where: str, variance: Tensor | float | None) -> Tensor | None:
@@ -170,12 +218,29 @@ class Linearization:
         if variance is None:
             return None
         if not isinstance(variance, Tensor):
+            if isinstance(variance, bool) or not isinstance(variance, (int, float)):
+                raise TypeError(
+                    f"{where}: variance must be None, a number or a tensor, "
+                    f"got {type(variance).__name__}."
+                )
             variance = torch.as_tensor(variance, dtype=self.dtype, device=self.device)
         G = self.space.num_groups
         if variance.dim() > 1 or (variance.dim() == 1 and variance.shape[0] != G):
             raise ValueError(
                 f"{where}: variance has shape {tuple(variance.shape)}; expected a scalar or "
                 f"({G},), one per parameter group {self.groups}."
+            )
+        if variance.dtype != self.dtype:
+            raise TypeError(f"{where}: variance has dtype {variance.dtype}, expected {self.dtype}.")
+        if variance.device != self.device:
+            raise ValueError(
+                f"{where}: variance is on device {variance.device}, expected {self.device}."
+            )
+        check_finite(where, "variance", variance)
+        if bool((variance.detach() < 0).any()):
+            raise ValueError(
+                f"{where}: variance must be non-negative (σ² ≥ 0), got minimum "
+                f"{float(variance.detach().min()):.3g}."
             )
         return self.space.expand_group_values(variance)
 

@@ -1,0 +1,85 @@
+"""Selecting one output of a network without touching it (shared by the kernels).
+
+:class:`SelectOutput` is a thin ``nn.Module`` that *refers* to the user's network (its
+parameters are the network's own, under the prefix ``network.``); a
+:class:`~pyro_ntk.Linearization` of it copies θ* as usual, so the user's network is never
+wrapped, mutated or trained. The helpers translate parameter selectors and group names
+between the network's naming and the wrapper's.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from pyro_ntk._parameters import ParamSelector
+
+PREFIX = "network."
+
+
+class SelectOutput(nn.Module):
+    r"""``x ↦ f_k(x)``: output ``k`` of ``network`` (outputs flattened per example).
+
+    .. math:: \mathrm{SelectOutput}(x) = f(x; \theta)_k, \qquad \partial/\partial\theta
+        \text{ is row } k \text{ of } J(x),
+
+    so linearizing it costs one backward pass per example instead of ``O``.
+
+    Args:
+        network: the user's network (held by reference, never modified).
+        k: the output index, ``0 <= k < O``.
+        where: entry-point name for the out-of-range error.
+
+    Example:
+        >>> net = torch.nn.Linear(3, 2)
+        >>> SelectOutput(net, 1, where="example")(torch.randn(4, 3)).shape
+        torch.Size([4])
+    """
+
+    def __init__(self, network: nn.Module, k: int, where: str):
+        super().__init__()
+        self.network = network
+        self.k = k
+        self.where = where
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Output ``k`` of the network, shape ``(n,)``."""
+        out = self.network(x)
+        out = out.reshape(out.shape[0], -1)
+        if self.k >= out.shape[1]:
+            raise ValueError(
+                f"{self.where}: output={self.k} is out of range; the network has "
+                f"{out.shape[1]} output(s) per example (valid: 0..{out.shape[1] - 1})."
+            )
+        return out[:, self.k]
+
+
+def check_output(where: str, output: object) -> int | None:
+    """Validate an ``output`` argument: ``None`` or a non-negative ``int``."""
+    if output is None:
+        return None
+    if isinstance(output, bool) or not isinstance(output, int) or output < 0:
+        raise ValueError(
+            f"{where}: output must be None or a non-negative int (an output index), got {output!r}."
+        )
+    return output
+
+
+def prefixed_selector(network: nn.Module, params: ParamSelector, where: str) -> ParamSelector:
+    """Translate a parameter selector on ``network`` into one on ``SelectOutput(network)``."""
+    if params is None or isinstance(params, str):
+        return params  # str: Linearization rejects it with a clear message
+    if callable(params):
+        return lambda name, p: params(name[len(PREFIX) :], p)
+    wanted = list(params)
+    known = [n for n, _ in network.named_parameters()]
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise ValueError(
+            f"{where}: params names {unknown} are not parameters of the network {sorted(known)}."
+        )
+    return [PREFIX + n for n in wanted]
+
+
+def unprefixed_group(group: str) -> str:
+    """The network's own name for a group of ``SelectOutput(network)``."""
+    return group[len(PREFIX) :] if group.startswith(PREFIX) else ""

@@ -1,0 +1,278 @@
+"""Linearized Laplace against dense float64 references (covariance, predictive, evidence)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy
+import pytest
+import torch
+from networks import assert_unchanged, snapshot
+from torch import nn
+
+from pyro_ntk.models import LinearizedLaplace
+from pyro_ntk.testing import reference_jacobian, reference_output
+
+OUTPUTS = {"categorical": 3, "bernoulli": 1, "poisson": 1, "gaussian": 2}
+
+
+def _problem(likelihood, n=12, seed=0):
+    torch.manual_seed(seed)
+    O = OUTPUTS[likelihood]
+    net = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, O))
+    X = torch.randn(n, 2)
+    f = reference_output(net, X)
+    if likelihood == "categorical":
+        y = torch.distributions.Categorical(logits=f).sample()
+    elif likelihood == "bernoulli":
+        y = torch.distributions.Bernoulli(logits=f[:, 0]).sample()
+    elif likelihood == "poisson":
+        y = torch.distributions.Poisson(f[:, 0].exp()).sample()
+    else:
+        y = f + 0.3 * torch.randn_like(f)
+    return net, X, y
+
+
+def _dense_hessian(likelihood, f, noise):
+    """Λ_n (N, O, O) at outputs f, written out independently of the package."""
+    if likelihood == "categorical":
+        p = torch.softmax(f, -1)
+        return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    if likelihood == "bernoulli":
+        p = torch.sigmoid(f)
+        return torch.diag_embed(p * (1 - p))
+    if likelihood == "poisson":
+        return torch.diag_embed(f.exp())
+    return torch.diag_embed(torch.full_like(f, 1 / noise))
+
+
+def _make(likelihood, net, method, layer=True, **kw):
+    noise = 0.09 if likelihood == "gaussian" else None
+    variance = torch.tensor([0.7, 1.8]) if layer else 1.3
+    return LinearizedLaplace(
+        net, likelihood, variance=variance, layer_variances=layer, noise=noise, method=method, **kw
+    )
+
+
+@pytest.mark.parametrize("likelihood", list(OUTPUTS))
+@pytest.mark.parametrize("method", ["dense", "kernel"])
+def test_covariance_and_predictive_equal_dense_reference(likelihood, method):
+    net, X, y = _problem(likelihood)
+    before = snapshot(net)
+    la = _make(likelihood, net, method).fit(X, y)
+    assert la.method_used == method
+    J = reference_jacobian(net, X)  # (N, O, P)
+    f_map = reference_output(net, X) + J @ la.delta
+    F = torch.einsum("nop,noq,nqr->pr", J, _dense_hessian(likelihood, f_map, 0.09), J)
+    var = torch.tensor([0.7, 1.8])[la.lin.space.group_index()]
+    Sigma = torch.linalg.inv(F + torch.diag(1 / var))
+    torch.testing.assert_close(la.covariance(), Sigma, rtol=1e-7, atol=1e-10)
+
+    Xs = torch.randn(5, 2)
+    Js = reference_jacobian(net, Xs)
+    cov = torch.einsum("nop,pq,nrq->nor", Js, Sigma, Js)
+    mean, full = la.predictive_f(Xs, full_cov=True, chunk_size=2)
+    mean2, diag = la.predictive_f(Xs, chunk_size=3)
+    torch.testing.assert_close(mean, reference_output(net, Xs) + Js @ la.delta)
+    torch.testing.assert_close(mean2, mean)
+    torch.testing.assert_close(full, cov, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(diag, torch.diagonal(cov, dim1=1, dim2=2), rtol=1e-7, atol=1e-10)
+
+    # the evidence, written out densely
+    noise = 0.09 if likelihood == "gaussian" else None
+    ll = _reference_log_likelihood(likelihood, f_map, y, noise)
+    S = var.sqrt()
+    logdet = torch.logdet(torch.eye(len(S)) + S[:, None] * F * S)
+    ref = ll - 0.5 * (la.delta.square() / var).sum() - 0.5 * logdet
+    torch.testing.assert_close(la.log_marginal_likelihood(), ref)
+    assert_unchanged(net, before)
+
+
+def _reference_log_likelihood(likelihood, f, y, noise):
+    D = torch.distributions
+    if likelihood == "categorical":
+        return D.Categorical(logits=f).log_prob(y).sum()
+    if likelihood == "bernoulli":
+        return D.Bernoulli(logits=f[:, 0]).log_prob(y).sum()
+    if likelihood == "poisson":
+        return D.Poisson(f[:, 0].exp()).log_prob(y).sum()
+    return D.Normal(f, math.sqrt(noise)).log_prob(y).sum()
+
+
+@pytest.mark.parametrize("likelihood", ["categorical", "poisson"])
+def test_map_is_a_stationary_point_of_the_log_joint(likelihood):
+    net, X, y = _problem(likelihood, n=20)
+    la = _make(likelihood, net, "dense").fit(X, y)
+    J = reference_jacobian(net, X)
+    delta = la.delta.clone().requires_grad_(True)
+    f = reference_output(net, X) + J @ delta
+    var = torch.tensor([0.7, 1.8])[la.lin.space.group_index()]
+    lj = _reference_log_likelihood(likelihood, f, y, None) - 0.5 * (delta.square() / var).sum()
+    (g,) = torch.autograd.grad(lj, delta)
+    assert g.abs().max() < 1e-9
+
+
+def test_gaussian_laplace_is_the_exact_ntk_gp():
+    """Linear-Gaussian: the MAP is the GP posterior mean and the evidence is exact."""
+    net, X, y = _problem("gaussian", n=10)
+    la = _make("gaussian", net, "kernel", layer=False).fit(X, y)
+    J = reference_jacobian(net, X).reshape(20, -1)  # rows n·O + o
+    K = 1.3 * J @ J.T + 0.09 * torch.eye(20)
+    r = (y - reference_output(net, X)).reshape(-1)
+    exact = torch.distributions.MultivariateNormal(torch.zeros(20), K).log_prob(r)
+    torch.testing.assert_close(la.log_marginal_likelihood(), exact)
+    torch.testing.assert_close(la.delta, 1.3 * J.T @ torch.linalg.solve(K, r), rtol=1e-6, atol=1e-8)
+
+
+def test_lanczos_route_matches_dense_when_rank_covers_the_fisher():
+    net, X, y = _problem("categorical", n=8)
+    dense = _make("categorical", net, "dense", layer=False).fit(X, y)
+    lanczos = _make(
+        "categorical", net, "lanczos", layer=False, rank=dense.num_params, slq_probes=0
+    ).fit(X, y)
+    torch.testing.assert_close(lanczos.delta, dense.delta)
+    Sigma = dense.covariance()
+    err = (lanczos.covariance() - Sigma).abs().max() / Sigma.abs().max()
+    assert err < 1e-5
+    ev_l, ev_d = lanczos.log_marginal_likelihood(), dense.log_marginal_likelihood()
+    assert abs(float(ev_l - ev_d)) < 1e-4 * abs(float(ev_d))
+    # truncation only ever adds variance
+    small = _make("categorical", net, "lanczos", layer=False, rank=4).fit(X, y)
+    Xs = torch.randn(6, 2)
+    assert bool((small.predictive_f(Xs)[1] >= dense.predictive_f(Xs)[1] - 1e-10).all())
+
+
+def test_slq_evidence_on_the_lanczos_route_matches_the_exact_logdet():
+    net, X, y = _problem("categorical", n=8)
+    dense = _make("categorical", net, "dense", layer=False).fit(X, y)
+    slq = _make("categorical", net, "lanczos", layer=False, rank=5, slq_probes=400).fit(X, y)
+    theta, w = slq._slq
+    for variance in (None, torch.tensor(0.4)):  # the fitted σ² = 1.3, and a new scalar σ²
+        c = 1.0 if variance is None else 0.4 / 1.3
+        # per-probe estimates of log det(I + c S F S) and their standard error
+        per_probe = slq.num_params * (w * torch.log1p(c * theta)).sum(-1)
+        se = float(per_probe.std()) / math.sqrt(len(per_probe))
+        exact = dense.log_marginal_likelihood(variance)
+        # evidence = ... − ½ logdet: its error is half the logdet's
+        assert abs(float(slq.log_marginal_likelihood(variance) - exact)) < 0.5 * 4 * se
+
+
+def test_cg_solve_and_samples_follow_the_covariance():
+    net, X, y = _problem("categorical", n=10)
+    la = _make("categorical", net, "kernel").fit(X, y)
+    Sigma = la.covariance()
+    B = torch.randn(la.num_params, 3)
+    x, diag = la.solve(B, tol=1e-10)
+    assert diag.converged
+    torch.testing.assert_close(x, Sigma @ B, rtol=1e-6, atol=1e-9)
+    d = la.sample(20000, generator=torch.Generator().manual_seed(0))
+    emp = d.T @ d / d.shape[0]
+    assert (emp - Sigma).abs().max() < 0.05 * Sigma.diagonal().max()
+
+
+def test_probit_and_monte_carlo_predictions_agree_with_quadrature():
+    net, X, y = _problem("bernoulli", n=15)
+    la = _make("bernoulli", net, "dense").fit(X, y)
+    Xs = torch.randn(6, 2)
+    mu, var = la.predictive_f(Xs)
+    # Gauss-Hermite quadrature of E[sigmoid(f)], f ~ N(mu, var)
+    t, w = (torch.from_numpy(a) for a in numpy.polynomial.hermite_e.hermegauss(60))
+    exact = (torch.sigmoid(mu + var.sqrt() * t) * w).sum(-1) / w.sum()
+    mc = la.predict(Xs, method="mc", num_samples=20000, generator=torch.Generator().manual_seed(1))
+    probit = la.predict(Xs)
+    assert mc.shape == probit.shape == (6,)
+    assert (mc - exact).abs().max() < 0.01
+    assert (probit - exact).abs().max() < 0.02
+
+
+def test_multiclass_probabilities_are_normalised():
+    net, X, y = _problem("categorical", n=15)
+    la = _make("categorical", net, "kernel").fit(X, y)
+    Xs = torch.randn(7, 2)
+    for method in ("probit", "mc"):
+        p = la.predict(Xs, method=method, num_samples=50, chunk_size=3)
+        assert p.shape == (7, 3)
+        torch.testing.assert_close(p.sum(-1), torch.ones(7))
+
+
+def test_optimize_prior_increases_the_evidence():
+    net, X, y = _problem("categorical", n=30)
+    la = _make("categorical", net, "dense", layer=True).fit(X, y)
+    start = float(la.log_marginal_likelihood())
+    history = la.optimize_prior(X, y, rounds=2, num_steps=30, lr=0.1)
+    assert history[-1] > start
+    # the evidence is (locally) maximal in σ² at the optimum of the inner problem
+    v = la.variance.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(la.log_marginal_likelihood(v), v)
+    assert g.shape == (2,)
+
+
+def test_adam_reaches_the_lbfgs_map():
+    net, X, y = _problem("bernoulli", n=20)
+    a = _make("bernoulli", net, "dense", layer=False).fit(X, y)
+    b = _make("bernoulli", net, "dense", layer=False).fit(
+        X, y, optimizer="adam", lr=0.05, num_steps=300, newton_steps=0
+    )
+    torch.testing.assert_close(b.delta, a.delta, rtol=0, atol=2e-2)
+    c = _make("bernoulli", net, "dense", layer=False).fit(
+        X, y, optimizer="adam", num_steps=5, batch_size=8
+    )
+    assert bool(torch.isfinite(c.delta).all())
+
+
+@pytest.mark.parametrize(
+    "likelihood, y, error, match",
+    [
+        (
+            "categorical",
+            torch.tensor([0, 1, 3, 2]),
+            ValueError,
+            r"range over \[0, 3\], outside \[0, 2\]",
+        ),
+        ("categorical", torch.tensor([-1, 1, 0, 2]), ValueError, r"range over \[-1, 2\]"),
+        ("categorical", torch.tensor([0.0, 1.0, 2.0, 1.0]), TypeError, "dtype torch.float64"),
+        (
+            "bernoulli",
+            torch.tensor([0.0, 1.5, 1.0, 0.0]),
+            ValueError,
+            r"\[0, 1\], got values in \[0, 1.5\]",
+        ),
+        (
+            "poisson",
+            torch.tensor([0.0, -2.0, 1.0, 0.0]),
+            ValueError,
+            "non-negative, got minimum -2",
+        ),
+        ("poisson", torch.tensor([0.0, 0.5, 1.0, 0.0]), ValueError, "must be integers"),
+        ("categorical", torch.tensor([0, 1, 2]), ValueError, r"y has shape \(3,\)"),
+    ],
+    ids=[
+        "label-high",
+        "label-negative",
+        "label-float",
+        "prob-gt-1",
+        "count-negative",
+        "count-frac",
+        "shape",
+    ],
+)
+def test_bad_targets_are_named(likelihood, y, error, match):
+    net, X, _ = _problem(likelihood, n=4)
+    la = _make(likelihood, net, "dense")
+    with pytest.raises(error, match=match):
+        la.fit(X, y)
+
+
+def test_bad_arguments_are_named():
+    net, X, y = _problem("categorical", n=4)
+    with pytest.raises(ValueError, match="likelihood must be one of"):
+        LinearizedLaplace(net, "softmax")
+    with pytest.raises(ValueError, match="noise is required for, and only for"):
+        LinearizedLaplace(net, "gaussian")
+    with pytest.raises(ValueError, match="method must be one of"):
+        LinearizedLaplace(net, method="exact")
+    with pytest.raises(RuntimeError, match="call fit"):
+        LinearizedLaplace(net).predict(X)
+    net1, X1, y1 = _problem("bernoulli", n=4)
+    with pytest.raises(ValueError, match="categorical likelihood needs O >= 2"):
+        LinearizedLaplace(net1, "categorical").fit(X1, y1.long())

@@ -1,0 +1,263 @@
+"""NTKGPRegression: posterior against the textbook dense GP formulas, the CG path against the
+Cholesky path, agreement with GPRegression + EmpiricalNTK + NetworkMean, fitting by
+gp.util.train and SVI, Predictive, diagnostics and bad input."""
+
+import math
+
+import pyro
+import pyro.contrib.gp as gp
+import pyro.distributions as dist
+import pytest
+import torch
+from networks import assert_unchanged, snapshot
+from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.nn.module import PyroSample
+from torch import nn
+
+from pyro_ntk import LinearizedNetwork, NTKGPRegression
+from pyro_ntk.testing import reference_ntk, reference_output
+
+
+@pytest.fixture(autouse=True)
+def _fresh_param_store():
+    pyro.clear_param_store()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny problems: one thread avoids sync overhead on a shared CPU
+    yield
+    torch.set_num_threads(threads)
+    pyro.clear_param_store()
+
+
+def mlp(d_in=2, width=8, d_out=1):
+    return nn.Sequential(nn.Linear(d_in, width), nn.Tanh(), nn.Linear(width, d_out))
+
+
+def group_scale(net, values):
+    layers, out = [], []
+    for name, p in net.named_parameters():
+        layer = name.rsplit(".", 1)[0]
+        if layer not in layers:
+            layers.append(layer)
+        out.append(values[layers.index(layer)].expand(p.numel()))
+    return torch.cat(out)
+
+
+def textbook(net, X, y, Xs, scale, noise, jitter):
+    """μ* = m* + K*X A⁻¹ (y − m), Σ* = K** − K*X A⁻¹ KX*, A = KXX + (s² + ε) I (dense)."""
+    Kxx = reference_ntk(net, X, scale=scale)
+    Ksx = reference_ntk(net, Xs, X, scale=scale)
+    Kss = reference_ntk(net, Xs, scale=scale)
+    A = Kxx + (noise + jitter) * torch.eye(Kxx.shape[0])
+    r = y.reshape(-1) - reference_output(net, X).reshape(-1)
+    mean = reference_output(net, Xs).reshape(-1) + Ksx @ torch.linalg.solve(A, r)
+    cov = Kss - Ksx @ torch.linalg.solve(A, Ksx.T)
+    return mean, cov
+
+
+def rel(a, b):
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+# ------------------------------------------------------------------ exact posterior
+@pytest.mark.parametrize("d_out, layer", [(1, False), (2, False), (2, True)])
+def test_posterior_equals_textbook(d_out, layer):
+    net = mlp(d_out=d_out)
+    X, Xs = torch.randn(12, 2), torch.randn(5, 2)
+    y = torch.randn(12, d_out).squeeze(-1) if d_out == 1 else torch.randn(12, d_out)
+    variance = torch.tensor([0.5, 2.0]) if layer else torch.tensor(0.7)
+    noise = torch.tensor(0.05)
+    model = NTKGPRegression(
+        X, y, net, noise=noise, variance=variance, layer_variances=layer, solver="cholesky"
+    )
+    scale = group_scale(net, variance) if layer else variance
+    mean_ref, cov_ref = textbook(net, X, y, Xs, scale, 0.05, 1e-6)
+    mean, var = model(Xs)
+    shape = (5,) if d_out == 1 else (5, d_out)
+    assert mean.shape == shape and var.shape == shape
+    assert rel(mean.reshape(-1), mean_ref) <= 1e-6
+    assert rel(var.reshape(-1), cov_ref.diagonal()) <= 1e-6
+    mean2, cov = model(Xs, full_cov=True)
+    assert cov.shape == (5 * d_out, 5 * d_out)
+    assert rel(cov, cov_ref) <= 1e-6
+    torch.testing.assert_close(mean2, mean)
+    _, var_y = model(Xs, noiseless=False)
+    assert rel(var_y.reshape(-1), cov_ref.diagonal() + 0.05) <= 1e-6
+    assert model.last_solve.method == "cholesky" and model.last_solve.relative_residual < 1e-10
+
+
+def test_marginal_likelihood_site_equals_reference():
+    net = mlp(d_out=2)
+    X, y = torch.randn(7, 2), torch.randn(7, 2)
+    model = NTKGPRegression(X, y, net, noise=torch.tensor(0.2), variance=torch.tensor(1.5))
+    tr = pyro.poutine.trace(model.model).get_trace()
+    tr.compute_log_prob()
+    K = reference_ntk(net, X) * 1.5 + (0.2 + 1e-6) * torch.eye(14)
+    ref = torch.distributions.MultivariateNormal(reference_output(net, X).reshape(-1), K)
+    torch.testing.assert_close(tr.nodes["y"]["log_prob"], ref.log_prob(y.reshape(-1)))
+    assert tr.nodes["y"]["value"].shape == (7, 2)
+
+
+@pytest.mark.parametrize("preconditioner", ["auto", None])
+def test_cg_path_equals_cholesky_path(preconditioner):
+    """Mean: one CG solve (tolerance 1e-10). Variances: S pathwise posterior draws; the
+    unbiased estimate (known mean) has relative standard deviation sqrt(2/S) per point.
+    The rank-100 Fisher preconditioner is exact here (P = 42), plain CG is not."""
+    net = mlp(d_out=2)
+    X, y, Xs = torch.randn(20, 2), torch.randn(20, 2), torch.randn(6, 2)
+    kw = dict(noise=torch.tensor(0.05), variance=torch.tensor(0.8))
+    exact = NTKGPRegression(X, y, net, solver="cholesky", **kw)
+    S = 2000
+    cg = NTKGPRegression(
+        X,
+        y,
+        net,
+        solver="cg",
+        preconditioner=preconditioner,
+        cg_tolerance=1e-10,
+        max_cg_iterations=2000,
+        num_posterior_samples=S,
+        **kw,
+    )
+    assert cg.solver == "cg"
+    m0, v0 = exact(Xs)
+    m1, v1 = cg(Xs)
+    assert rel(m1, m0) <= 1e-7
+    assert ((v1 - v0).abs() <= 4.5 * math.sqrt(2 / S) * v0).all()
+    assert cg.last_solve.converged and cg.last_solve.num_rhs == S + 1
+    assert cg.last_solve.method == ("cg" if preconditioner is None else "pcg")
+    assert cg.last_solve.relative_residual <= 1e-10
+    # full covariance from the same draws: entry-wise Monte Carlo bound
+    _, c0 = exact(Xs, full_cov=True)
+    _, c1 = cg(Xs, full_cov=True)
+    sd = c0.diagonal().sqrt()
+    se = ((sd[:, None] * sd[None, :]) ** 2 + c0**2).sqrt() / math.sqrt(S)
+    assert ((c1 - c0).abs() <= 4.5 * se).all()
+    # the same draws at a fixed seed: deterministic
+    torch.testing.assert_close(cg(Xs)[1], v1)
+
+
+def test_matches_gpregression_with_empirical_ntk_and_network_mean():
+    from pyro_ntk import EmpiricalNTK, NetworkMean
+
+    net = mlp()
+    X, y, Xs = torch.randn(10, 2), torch.randn(10), torch.randn(4, 2)
+    kernel = EmpiricalNTK(net, variance=torch.tensor(0.6))
+    ref = gp.models.GPRegression(
+        X, y, kernel, noise=torch.tensor(0.1), mean_function=NetworkMean(net), jitter=1e-6
+    )
+    ours = NTKGPRegression(X, y, net, noise=torch.tensor(0.1), variance=torch.tensor(0.6))
+    for full_cov in (False, True):
+        a_mean, a_cov = ref(Xs, full_cov=full_cov, noiseless=True)
+        b_mean, b_cov = ours(Xs, full_cov=full_cov)
+        assert rel(b_mean, a_mean) <= 1e-8
+        assert rel(b_cov, a_cov) <= 1e-8
+    loss_ref = pyro.infer.Trace_ELBO().differentiable_loss(ref.model, ref.guide)
+    loss = pyro.infer.Trace_ELBO().differentiable_loss(ours.model, ours.guide)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------ fitting
+def test_train_recovers_noise_and_leaves_network_unchanged():
+    torch.manual_seed(4)
+    net = mlp(width=12)
+    before = snapshot(net)
+    X = torch.randn(300, 2)
+    true_noise = 0.04
+    y = LinearizedNetwork(net, X, variance=0.5, noise=true_noise, squeeze_output=True).sample()
+    model = NTKGPRegression(X, y, net, noise=torch.tensor(0.3), variance=torch.tensor(0.1))
+    assert [n for n, _ in model.named_parameters()] == [
+        "noise_unconstrained",
+        "variance_unconstrained",
+    ]
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    losses = gp.util.train(model, optimizer, num_steps=150)
+    assert losses[-1] < losses[0]
+    noise = float(model.noise.detach())
+    assert abs(noise - true_noise) <= 0.2 * true_noise, noise
+    assert_unchanged(net, before)
+
+
+def test_svi_fits_layer_variances():
+    net = mlp(d_out=2)
+    X, y = torch.randn(15, 2), torch.randn(15, 2)
+    model = NTKGPRegression(X, y, net, layer_variances=True, noise=torch.tensor(0.5))
+    assert model.variance.shape == (2,)
+    svi = SVI(model.model, model.guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    losses = [svi.step() for _ in range(30)]
+    assert losses[-1] < losses[0]
+    v = model.variance.detach()
+    assert v.shape == (2,) and (v > 0).all() and not torch.allclose(v, torch.ones(2))
+
+
+def test_cg_model_trains():
+    net = mlp()
+    X, y = torch.randn(15, 2), torch.randn(15)
+    model = NTKGPRegression(X, y, net, noise=torch.tensor(0.5), solver="cg")
+    losses = gp.util.train(model, num_steps=3)
+    precond = model._system.preconditioner()
+    assert precond is not None
+    losses += gp.util.train(model, num_steps=2)
+    assert model._system.preconditioner() is precond  # built once, reused for every σ², s²
+    assert all(math.isfinite(x) for x in losses)
+    assert model.noise.detach() != 0.5
+
+
+def test_predictive_and_prior():
+    net = mlp()
+    X, y = torch.randn(8, 2), torch.randn(8)
+    model = NTKGPRegression(X, y, net, noise=torch.tensor(0.1))
+    model.variance = PyroSample(dist.LogNormal(0.0, 1.0))
+    gp.util.train(model, num_steps=3)
+    model.set_data(X, None)
+    samples = Predictive(model.model, guide=model.guide, num_samples=4)()
+    assert samples["y"].shape == (4, 8)
+    samples = Predictive(model.model, num_samples=5, parallel=True, return_sites=["y"])()
+    assert samples["y"].shape[0] == 5 and samples["y"].shape[-1] == 8
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda X, y, net: (X, y[:7], net, {}), r"y has shape \(7, 2\) but X has N = 8 rows"),
+        (
+            lambda X, y, net: (X, torch.randn(8, 3), net, {}),
+            r"y has shape \(8, 3\), but the network gives O = 2 output",
+        ),
+        (lambda X, y, net: (X, y.clone().fill_(float("nan")), net, {}), r"y contains 16 NaN"),
+        (
+            lambda X, y, net: (
+                X.clone().index_fill_(0, torch.tensor([0]), float("inf")),
+                y,
+                net,
+                {},
+            ),
+            r"X contains 2 NaN or infinite",
+        ),
+        (lambda X, y, net: (torch.randn(8, 3), y, net, {}), r"X has shape \(8, 3\)"),
+        (lambda X, y, net: (X, y, net, dict(noise=-0.1)), r"noise must be > 0, got -0\.1"),
+        (lambda X, y, net: (X, y, net, dict(variance=0.0)), r"variance must be > 0, got 0\.0"),
+        (
+            lambda X, y, net: (X, y, net, dict(variance=torch.ones(3), layer_variances=True)),
+            r"variance has shape \(3,\); expected \(2,\)",
+        ),
+        (lambda X, y, net: (X, y, net, dict(solver="qr")), r"solver must be one of"),
+    ],
+)
+def test_bad_input(make, match):
+    net = mlp(d_out=2)
+    X, y = torch.randn(8, 2), torch.randn(8, 2)
+    X_, y_, net_, kw = make(X, y, net)
+    with pytest.raises(ValueError, match="NTKGPRegression: " + match):
+        NTKGPRegression(X_, y_, net_, **kw)
+
+
+def test_bad_test_inputs():
+    net = mlp()
+    model = NTKGPRegression(torch.randn(5, 2), torch.randn(5), net)
+    with pytest.raises(ValueError, match=r"NTKGPRegression.forward: Xnew has shape \(3, 4\)"):
+        model(torch.randn(3, 4))
+    bad = torch.randn(3, 2)
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NTKGPRegression.forward: Xnew contains 1 NaN"):
+        model(bad)

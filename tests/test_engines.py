@@ -1,0 +1,277 @@
+"""Every engine strategy against the dense float64 reference, and the per-chunk cache."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from networks import CASE_IDS, CASES, assert_unchanged, snapshot
+from torch import nn
+
+from pyro_ntk import Linearization
+from pyro_ntk.testing import reference_jacobian
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def group_scale(lin: Linearization, variance: torch.Tensor) -> torch.Tensor:
+    """σ² per parameter from per-group values, built from names (not from the engine)."""
+    groups = [n.rsplit(".", 1)[0] if "." in n else "" for n in lin.space.names]
+    order = list(dict.fromkeys(groups))
+    return torch.cat(
+        [variance[order.index(g)].expand(t.numel()) for g, t in zip(groups, lin.theta.values())]
+    )
+
+
+STRATEGIES = [("functorch", None), ("cached", None), ("structured", None), ("structured", 4)]
+CHUNKED = [("cached", 4, "batchnorm"), ("cached", 4, "multi_output"), ("auto", 3, "layernorm")]
+
+
+@pytest.mark.parametrize(
+    "implementation, chunk_size", STRATEGIES, ids=[f"{i}-{c}" for i, c in STRATEGIES]
+)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_every_product_matches_reference(case, implementation, chunk_size):
+    check_products(case, implementation, chunk_size)
+
+
+@pytest.mark.parametrize("implementation, chunk_size, case_id", CHUNKED)
+def test_chunked_cached_and_auto_match_reference(implementation, chunk_size, case_id):
+    check_products(CASES[CASE_IDS.index(case_id)], implementation, chunk_size)
+
+
+def check_products(case, implementation, chunk_size):
+    net, X1 = case.build(n=7)
+    X2 = case.make_inputs(5)
+    before = snapshot(net)
+    lin = Linearization(net, case.params, chunk_size=chunk_size, implementation=implementation)
+    J1 = reference_jacobian(net, X1, case.params)
+    J2 = reference_jacobian(net, X2, case.params)
+    N1, O, P = J1.shape
+    N2 = J2.shape[0]
+    variance = torch.rand(lin.space.num_groups) + 0.5
+    s = group_scale(lin, variance)
+    A1, A2 = J1.reshape(N1 * O, P), J2.reshape(N2 * O, P)
+
+    v = torch.randn(P, 3)
+    assert rel_err(lin.jvp(X1, v), (A1 @ v).reshape(N1, O, 3)) <= 1e-8
+    u = torch.randn(N2, O, 2)
+    assert rel_err(lin.vjp(X2, u), A2.T @ u.reshape(N2 * O, 2)) <= 1e-8
+    V = torch.randn(N2 * O, 4)
+    K12 = (A1 * s) @ A2.T
+    assert rel_err(lin.ntk_mvm(X1, X2, V, variance), K12 @ V) <= 1e-8
+    K11 = (A1 * s) @ A1.T
+    W = torch.randn(N1 * O)
+    assert rel_err(lin.ntk_mvm(X1, None, W, variance), K11 @ W) <= 1e-8
+    assert rel_err(lin.ntk_dense(X1, X2, variance), K12) <= 1e-8
+    assert rel_err(lin.ntk_dense(X1), A1 @ A1.T) <= 1e-8
+    assert rel_err(lin.ntk_diag(X1, variance), K11.diagonal()) <= 1e-8
+    assert rel_err(lin.jacobian(X2), J2) <= 1e-8
+    assert_unchanged(net, before)
+    assert all(not m._forward_hooks for m in net.modules())
+
+
+@pytest.mark.parametrize("implementation", ["cached", "structured"])
+def test_gradients_flow_to_variance_and_right_hand_side(implementation):
+    net, X = CASES[CASE_IDS.index("batchnorm")].build(n=5)
+    lin = Linearization(net, implementation=implementation)
+    J = reference_jacobian(net, X).reshape(5 * 2, -1)
+    variance = (torch.rand(lin.space.num_groups) + 0.5).requires_grad_()
+    V = torch.randn(10, 2, requires_grad=True)
+    w = torch.randn(10, 2)
+    (lin.ntk_mvm(X, X, V, variance) * w).sum().backward()
+    var_ref = variance.detach().clone().requires_grad_()
+    V_ref = V.detach().clone().requires_grad_()
+    ((((J * group_scale(lin, var_ref)) @ J.T) @ V_ref) * w).sum().backward()
+    assert rel_err(variance.grad, var_ref.grad) <= 1e-8
+    assert rel_err(V.grad, V_ref.grad) <= 1e-8
+    var_d = variance.detach().clone().requires_grad_()
+    lin.ntk_dense(X, variance=var_d).trace().backward()
+    var_ref2 = variance.detach().clone().requires_grad_()
+    ((J * group_scale(lin, var_ref2)) @ J.T).trace().backward()
+    assert rel_err(var_d.grad, var_ref2.grad) <= 1e-8
+
+
+class SharedTwice(nn.Module):
+    """One Linear applied twice (weight sharing by reuse) and a custom parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 6)
+        self.mid = nn.Linear(6, 6)
+        self.gain = nn.Parameter(torch.rand(6) + 0.5)
+        self.out = nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.mid(h))
+        h = torch.tanh(self.mid(h)) * self.gain
+        return self.out(h)
+
+
+class Tied(nn.Module):
+    """Two Linear modules holding the same weight Parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class Sequence(nn.Module):
+    """Linear layers applied per position of a sequence (n, T, d), then pooled."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(3, 5)
+        self.norm = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.norm(self.emb(x))).mean(1))
+
+
+@pytest.mark.parametrize(
+    "make, inputs, generic",
+    [
+        (SharedTwice, lambda n: torch.randn(n, 3), {"mid.weight", "mid.bias", "gain"}),
+        (Tied, lambda n: torch.randn(n, 4), {"a.weight", "a.bias", "b.bias"}),
+        (Sequence, lambda n: torch.randn(n, 4, 3), {"norm.weight", "norm.bias"}),
+    ],
+    ids=["reused_module", "tied_weights", "sequence"],
+)
+def test_structured_hands_unknown_layers_to_the_generic_path(make, inputs, generic):
+    torch.manual_seed(0)
+    net, X = make(), inputs(6)
+    lin = Linearization(net, implementation="structured", chunk_size=4)
+    J = reference_jacobian(net, X)
+    A = J.reshape(-1, J.shape[-1])
+    V = torch.randn(A.shape[0], 2)
+    assert rel_err(lin.ntk_mvm(X, X, V), A @ (A.T @ V)) <= 1e-8
+    assert rel_err(lin.ntk_dense(X), A @ A.T) <= 1e-8
+    assert rel_err(lin.ntk_diag(X), (A * A).sum(-1)) <= 1e-8
+    assert rel_err(lin.jacobian(X), J) <= 1e-8
+    assert set(lin.engine.plan.generic) == generic
+    assert lin.engine.plan.layers, "some layers must stay structured"
+
+
+def test_structured_conv_bias_only_subset():
+    case = CASES[CASE_IDS.index("cnn")]
+    net, X = case.build(n=5)
+
+    def biases(name, p):
+        return name.endswith("bias")
+
+    lin = Linearization(net, biases, implementation="structured")
+    A = reference_jacobian(net, X, biases).reshape(10, -1)
+    V = torch.randn(10, 3)
+    assert rel_err(lin.ntk_mvm(X, X, V), A @ (A.T @ V)) <= 1e-8
+    assert rel_err(lin.ntk_dense(X), A @ A.T) <= 1e-8
+    assert rel_err(lin.ntk_diag(X), (A * A).sum(-1)) <= 1e-8
+
+
+def test_auto_chooses_by_module_types_and_says_why():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    lin = Linearization(mlp)
+    assert lin.implementation.value == "structured"
+    assert "100%" in lin.implementation_reason
+    embedding_heavy = nn.Sequential(nn.Embedding(500, 8), nn.Flatten(), nn.Linear(16, 1))
+    lin = Linearization(embedding_heavy)
+    assert lin.implementation.value == "cached"
+    assert "auto" in lin.implementation_reason
+    X = torch.randint(0, 500, (5, 2))
+    J = reference_jacobian(embedding_heavy, X).reshape(5, -1)
+    V = torch.randn(5, 2)
+    assert rel_err(lin.ntk_mvm(X, X, V), J @ (J.T @ V)) <= 1e-8
+    assert Linearization(mlp, implementation="cached").implementation_reason == "requested 'cached'"
+
+
+class CountForwards:
+    """Counts forward calls of a network through a hook registered only inside ``with``."""
+
+    def __init__(self, net: nn.Module):
+        self.net, self.calls = net, 0
+
+    def _hook(self, module, args, out):
+        self.calls += 1
+
+    def __enter__(self):
+        self.handle = self.net.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("implementation", ["cached", "structured"])
+@pytest.mark.parametrize("case_id", ["batchnorm", "cnn"])
+def test_cache_is_reused_across_products_and_invalidated_in_place(implementation, case_id):
+    case = CASES[CASE_IDS.index(case_id)]
+    net, X = case.build(n=9)
+    lin = Linearization(net, implementation=implementation, chunk_size=4)
+    O = lin.output_dim(X)
+    V = torch.randn(9 * O, 2)
+    with CountForwards(net) as counter:
+        first = lin.ntk_mvm(X, X, V)
+        after_first = counter.calls
+        for _ in range(5):  # a CG solve: the same operator, many products
+            assert torch.equal(lin.ntk_mvm(X, X, V), first)
+        assert counter.calls == after_first, "products after the first must not rerun the network"
+        assert lin.engine.cache.builds == 3  # one per chunk (4 + 4 + 1 rows)
+        X.mul_(0.5)  # in-place change: every chunk is stale
+        J = reference_jacobian(net, X).reshape(9 * O, -1)
+        assert rel_err(lin.ntk_mvm(X, X, V), J @ (J.T @ V)) <= 1e-8
+        assert counter.calls > after_first
+        assert lin.engine.cache.builds == 6
+    assert not net._forward_hooks
+    assert len(lin.engine.cache) == 3
+    del X
+    gc.collect()
+    assert len(lin.engine.cache) == 0, "entries must die with their input tensor"
+
+
+def test_cache_budget_bounds_what_is_kept():
+    net, X = CASES[0].build(n=8)
+    lin = Linearization(net, implementation="structured", chunk_size=2)
+    lin.engine.cache.max_bytes = 0
+    J = reference_jacobian(net, X).reshape(8, -1)
+    V = torch.randn(8)
+    for _ in range(2):
+        assert rel_err(lin.ntk_mvm(X, X, V), J @ (J.T @ V)) <= 1e-8
+    assert len(lin.engine.cache) == 0 and lin.engine.cache.builds == 16
+    lin.engine.cache.max_bytes = None
+    lin.ntk_mvm(X, X, V)
+    assert len(lin.engine.cache) == 4
+    lin.clear_cache()
+    assert len(lin.engine.cache) == 0
+
+
+class ProductInsideFunction(torch.autograd.Function):
+    """linear_operator runs products inside Function.forward (forward-mode AD switched off)."""
+
+    @staticmethod
+    def forward(ctx, V, lin, X):
+        return lin.ntk_mvm(X, None, V)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+@pytest.mark.parametrize("implementation", ["cached", "structured"])
+def test_cache_built_inside_autograd_function_is_right(implementation):
+    net, X = CASES[CASE_IDS.index("layernorm")].build(n=5)
+    lin = Linearization(net, implementation=implementation)
+    J = reference_jacobian(net, X).reshape(5, -1)
+    V = torch.randn(5, 2)
+    assert rel_err(ProductInsideFunction.apply(V, lin, X), J @ (J.T @ V)) <= 1e-8
+    assert rel_err(lin.ntk_mvm(X, None, V), J @ (J.T @ V)) <= 1e-8  # reused outside
