@@ -23,36 +23,140 @@ Two ways to evaluate the density share one cache per ``(θ*, X)`` (:class:`NTKSy
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
 from linear_operator import settings as lo_settings
-from linear_operator.utils.warnings import NumericalWarning
 from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor, nn
 
 from pyro_ntk._checks import check_finite, check_positive_int, check_tensor
 from pyro_ntk.linearization import Linearization
-from pyro_ntk.solvers import SolverDiagnostics, conjugate_gradient
+from pyro_ntk.solvers import SolverDiagnostics, cholesky_with_jitter, conjugate_gradient
 
 __all__ = [
+    "CHOLESKY_MEMORY_FRACTION",
     "DEFAULT_MAX_CHOLESKY_SIZE",
     "PRECONDITIONERS",
     "SOLVERS",
     "LinearizedNetwork",
     "NTKSystem",
+    "available_memory",
+    "choose_solver",
 ]
 
 SOLVERS = ("auto", "cholesky", "cg")
 PRECONDITIONERS = ("auto", "fisher", "nystrom", "pivoted_cholesky", None)
-DEFAULT_MAX_CHOLESKY_SIZE = 2000
-"""``solver="auto"`` uses the dense Cholesky path while ``N·O`` is at most this.
+DEFAULT_MAX_CHOLESKY_SIZE = 4000
+"""``solver="auto"`` uses the dense Cholesky path while ``N·O`` is at most this (and fits).
 
-Provisional: on this CPU a dense Cholesky at ``N·O = 5000`` took ~6 s against ≥ 33 s for
-every CG variant (issue 8), so the dense path wins while the ``(N·O)²`` kernel fits in
-memory; 2000 keeps it below ~32 MB (float64) and the dense kernel's build cheap.
+Measured with ``benchmarks/bench_solver.py`` (issue 8; trained 26-128-128-1 MLP, P = 20,097,
+float64, 2-core CPU): a full :class:`~pyro_ntk.NTKGPRegression` evaluation (log marginal
+likelihood, its gradient, posterior mean) costs the same on both paths at ``N·O = 4000`` when
+repeated (19.8 s each, loaded machine) and dense is 1.5× faster for the first one; dense is
+5–9× faster at 1000–2000 (first evaluation) and 4–5× slower at 8000. On an H100 the dense
+solve wins up to ``10⁴`` (``benchmarks/RESULTS.md``): raise ``max_cholesky_size`` there.
 """
+
+CHOLESKY_MEMORY_FRACTION = 0.5
+"""Share of the available memory the dense path may take for its kernel and factor."""
+
+
+def available_memory(device: torch.device | str | None = None) -> int | None:
+    """Bytes of memory available now on ``device``, or ``None`` when unknown.
+
+    CUDA: the free memory reported by ``torch.cuda.mem_get_info``. CPU: ``MemAvailable``
+    from ``/proc/meminfo`` (Linux); ``None`` elsewhere.
+
+    Args:
+        device: a torch device (``None``: CPU).
+
+    Returns:
+        Available bytes, or ``None``.
+
+    Example:
+        >>> m = available_memory("cpu")
+        >>> m is None or m > 0
+        True
+    """
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def choose_solver(
+    size: int,
+    dtype: torch.dtype,
+    device: torch.device | str | None = None,
+    *,
+    max_cholesky_size: int = DEFAULT_MAX_CHOLESKY_SIZE,
+    memory_budget: int | None = None,
+    memory_fraction: float = CHOLESKY_MEMORY_FRACTION,
+) -> str:
+    r"""The ``solver="auto"`` rule: ``"cholesky"`` or ``"cg"`` for an ``n × n`` system.
+
+    Dense Cholesky when ``n = N·O`` is at most the measured crossover and the dense kernel
+    and its factor fit in a share of the memory,
+
+    .. math:: n \le n_{\max} \quad\text{and}\quad
+        2\, n^2 \cdot \mathrm{itemsize} \le \text{fraction} \times \text{budget},
+
+    matrix-free preconditioned CG otherwise. Cost: ``O(1)`` (one read of ``/proc/meminfo``
+    or one ``mem_get_info`` when ``memory_budget`` is ``None``).
+
+    Args:
+        size: ``n = N·O``.
+        dtype: floating dtype of the kernel.
+        device: where the kernel would live (``None``: CPU).
+        max_cholesky_size: the crossover ``n_max`` (see :data:`DEFAULT_MAX_CHOLESKY_SIZE`).
+        memory_budget: bytes available; ``None`` reads :func:`available_memory` (when that
+            is unknown too, only the size rule applies).
+        memory_fraction: share of the budget the dense path may take, in ``(0, 1]``.
+
+    Returns:
+        ``"cholesky"`` or ``"cg"``.
+
+    Example:
+        >>> choose_solver(1000, torch.float64, memory_budget=2**30)
+        'cholesky'
+        >>> choose_solver(1000, torch.float64, memory_budget=2**20)  # 16 MB do not fit in 0.5 MB
+        'cg'
+        >>> choose_solver(10**6, torch.float64, memory_budget=2**50)
+        'cg'
+    """
+    where = "choose_solver"
+    check_positive_int(where, "size", size)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"{where}: dtype must be a floating torch.dtype, got {dtype!r}.")
+    if isinstance(max_cholesky_size, bool) or not isinstance(max_cholesky_size, int):
+        raise ValueError(f"{where}: max_cholesky_size must be an int, got {max_cholesky_size!r}.")
+    if not (isinstance(memory_fraction, (int, float)) and 0 < memory_fraction <= 1):
+        raise ValueError(f"{where}: memory_fraction must be in (0, 1], got {memory_fraction!r}.")
+    if memory_budget is not None and (
+        isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0
+    ):
+        raise ValueError(
+            f"{where}: memory_budget must be None or an int >= 0 (bytes), got {memory_budget!r}."
+        )
+    if size > max_cholesky_size:
+        return "cg"
+    if memory_budget is None:
+        memory_budget = available_memory(device)
+        if memory_budget is None:
+            return "cholesky"
+    need = 2 * size * size * torch.finfo(dtype).bits // 8
+    return "cholesky" if need <= memory_fraction * memory_budget else "cg"
 
 
 def _linearization(where: str, network: object, params, chunk_size) -> Linearization:
@@ -128,8 +232,8 @@ class NTKSystem:
     Args:
         linearization: the :class:`~pyro_ntk.Linearization` of the network.
         X: inputs ``(N, ...)``.
-        solver: ``"auto"`` (Cholesky while ``N·O <= max_cholesky_size``), ``"cholesky"`` or
-            ``"cg"``.
+        solver: ``"auto"`` (:func:`choose_solver`: Cholesky while ``N·O <=
+            max_cholesky_size`` and the dense kernel fits in memory), ``"cholesky"`` or ``"cg"``.
         preconditioner: ``"auto"``, ``"fisher"``, ``"nystrom"``, ``"pivoted_cholesky"`` or
             ``None`` (CG path only; passed to ``make_preconditioner``).
         max_cholesky_size: the ``"auto"`` threshold on ``N·O``.
@@ -174,7 +278,14 @@ class NTKSystem:
         self.size = self.N * self.O
         self.where = where
         self.method = (
-            ("cholesky" if self.size <= max_cholesky_size else "cg") if solver == "auto" else solver
+            choose_solver(
+                self.size,
+                linearization.dtype,
+                linearization.device,
+                max_cholesky_size=max_cholesky_size,
+            )
+            if solver == "auto"
+            else solver
         )
         self.preconditioner_kind = preconditioner
         self.max_cholesky_size = max_cholesky_size
@@ -206,6 +317,10 @@ class NTKSystem:
                 self._K = self.lin.ntk_dense(self.X).detach()
             return variance[..., None, None] * self._K
         if self._K_groups is None:
+            n, G = self.size, self.num_groups
+            self.lin._check_dense_memory(
+                self.where, f"{G} per-layer kernels of shape ({n}, {n})", G * n * n
+            )
             self._K_groups = torch.stack(
                 [self.lin.ntk_dense(self.X, variance=s).detach() for s in self._group_scales()]
             )
@@ -226,28 +341,13 @@ class NTKSystem:
         return torch.einsum("...g,gi->...i", variance, groups)
 
     def cholesky(self, A: Tensor) -> Tensor:
-        """Lower Cholesky factor of ``A``; on failure adds a growing jitter, with a warning."""
-        L, info = torch.linalg.cholesky_ex(A)
-        if not bool((info > 0).any()):
-            return L
-        scale = A.diagonal(dim1=-2, dim2=-1).abs().mean().clamp_min(torch.finfo(A.dtype).tiny)
-        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-        for power in range(-10, -1):
-            extra = float(scale) * 10.0**power
-            L, info = torch.linalg.cholesky_ex(A + extra * eye)
-            if not bool((info > 0).any()):
-                warnings.warn(
-                    f"{self.where}: the {A.shape[-1]}×{A.shape[-1]} covariance is not positive "
-                    f"definite in {A.dtype}; added {extra:.2e} (1e{power} × mean diagonal) to its "
-                    "diagonal. Use float64 or a larger jitter.",
-                    NumericalWarning,
-                    stacklevel=3,
-                )
-                return L
-        raise ValueError(
-            f"{self.where}: the covariance is not positive definite even with "
-            f"{extra:.2e} added to its diagonal; check the variance, noise and jitter."
-        )
+        """Lower Cholesky factor of ``A``; on failure adds a growing jitter, with a warning.
+
+        See :func:`pyro_ntk.solvers.cholesky_with_jitter` (defaults: first jitter 1e-10 ×
+        mean diagonal in float64, 1e-6 in float32, ×10 per try, capped at 1e-2 × mean
+        diagonal; beyond the cap a ``ValueError`` with the figures).
+        """
+        return cholesky_with_jitter(A, where=self.where)
 
     # ------------------------------------------------------------------ matrix-free pieces
     def preconditioner(self):
@@ -256,7 +356,7 @@ class NTKSystem:
             self._preconditioner_built = True
             kind = self.preconditioner_kind
             make = _load_make_preconditioner()
-            if kind is not None and make is not None:
+            if make is not None:  # None → IdentityPreconditioner: plain CG, not gpytorch's
                 self._preconditioner = make(
                     kind, self.lin, self.X, rank=self.preconditioner_rank, seed=0
                 )
@@ -519,7 +619,11 @@ class LinearizedNetwork(TorchDistribution):
         self.kernel_variance, self.layer_variances = _check_variance(
             where, variance, lin, layer_variances
         )
-        if not isinstance(jitter, (int, float)) or isinstance(jitter, bool) or jitter < 0:
+        if (
+            not isinstance(jitter, (int, float))
+            or isinstance(jitter, bool)
+            or not 0 <= jitter < float("inf")
+        ):
             raise ValueError(f"{where}: jitter must be a float >= 0, got {jitter!r}.")
         self.jitter = float(jitter)
         if noise is None:
@@ -602,9 +706,16 @@ class LinearizedNetwork(TorchDistribution):
 
     def log_prob(self, value: Tensor) -> Tensor:
         """Log-density, shape ``sample_shape + batch_shape``; exact or CG + SLQ (see class)."""
+        N, O = self.system.N, self.system.O
+        value = check_tensor("LinearizedNetwork.log_prob", "value", value)
+        k = len(self.event_shape)
+        if value.dim() < k or tuple(value.shape[value.dim() - k :]) != tuple(self.event_shape):
+            raise ValueError(
+                f"LinearizedNetwork.log_prob: value has shape {tuple(value.shape)}; expected "
+                f"(..., {', '.join(map(str, self.event_shape))}), the event shape."
+            )
         if self._validate_args:
             self._validate_sample(value)
-        N, O = self.system.N, self.system.O
         lead = value.shape[: value.dim() - len(self.event_shape)]
         diff = value.reshape(lead + (N, O)) - self.loc
         diff = diff.reshape(diff.shape[:-2] + (N * O,))

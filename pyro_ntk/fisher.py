@@ -110,6 +110,7 @@ class FisherLinearOperator(LinearOperator):
     r"""The Fisher / GGN ``F = Σ_n J_nᵀ Λ_n J_n`` over inputs ``X``, as a ``(P, P)`` operator.
 
     .. math:: F = J(X)^\top \Lambda(f(X; \theta^*))\, J(X)
+        \quad\text{or}\quad J(X)^\top \Lambda(\texttt{outputs})\, J(X)
 
     See the module docstring for ``Λ`` per likelihood and for the finite-difference product.
 
@@ -122,6 +123,10 @@ class FisherLinearOperator(LinearOperator):
         method: ``"exact"`` (JVP, Λ, VJP) or ``"finite_difference"``.
         epsilon: finite-difference step for unit-norm directions (``None``:
             :func:`default_epsilon`).
+        outputs: function values ``(N, O)`` at which to evaluate ``Λ_n`` instead of
+            ``f(X; θ*)`` (``method="exact"`` only), e.g. the outputs
+            ``f(X; θ*) + J δ*`` of a linearized model at its MAP: ``F = Jᵀ Λ(outputs) J``
+            is then that model's exact Hessian of ``−log p(y | δ)``. The Jacobian stays at θ*.
 
     Cost per product with ``k`` columns: exact, one JVP + one VJP over ``N`` (≈ one NTK
     product); finite difference, one forward + one backward at ``θ* + εv`` per column,
@@ -147,6 +152,7 @@ class FisherLinearOperator(LinearOperator):
         noise: Tensor | float = 1.0,
         method: str = "exact",
         epsilon: float | None = None,
+        outputs: Tensor | None = None,
     ):
         where = "FisherLinearOperator"
         if not isinstance(linearization, Linearization):
@@ -188,6 +194,22 @@ class FisherLinearOperator(LinearOperator):
             )
         if epsilon is not None and not (isinstance(epsilon, float | int) and epsilon > 0):
             raise ValueError(f"{where}: epsilon must be a positive float, got {epsilon!r}.")
+        if outputs is not None:
+            if not isinstance(outputs, Tensor):
+                raise TypeError(
+                    f"{where}: outputs must be a tensor (N, O), got {type(outputs).__name__}."
+                )
+            if tuple(outputs.shape) != (N, O) or not bool(torch.isfinite(outputs).all()):
+                raise ValueError(
+                    f"{where}: outputs must be finite with shape (N, O) = ({N}, {O}), got "
+                    f"shape {tuple(outputs.shape)}."
+                )
+            if method == "finite_difference":
+                raise ValueError(
+                    f"{where}: outputs= needs method='exact'; the finite-difference product "
+                    "differentiates the KL at θ*, so Λ is always taken at f(X; θ*) there."
+                )
+            outputs = outputs.detach().to(dtype=linearization.dtype, device=linearization.device)
         super().__init__(
             X,
             linearization=linearization,
@@ -195,6 +217,7 @@ class FisherLinearOperator(LinearOperator):
             noise=noise_t,
             method=method,
             epsilon=epsilon,
+            outputs=outputs,
         )
         self.X = X
         self.linearization = linearization
@@ -202,7 +225,8 @@ class FisherLinearOperator(LinearOperator):
         self.method = method
         self.noise = noise_t
         self.epsilon = float(epsilon) if epsilon is not None else default_epsilon(X.dtype)
-        self.f_star = linearization(X).detach()  # (N, O)
+        # the outputs at which Λ is evaluated, (N, O)
+        self.f_star = linearization(X).detach() if outputs is None else outputs
 
     # ------------------------------------------------------------------ LinearOperator API
     def _size(self) -> torch.Size:

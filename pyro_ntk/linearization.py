@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -29,6 +30,7 @@ from pyro_ntk._checks import (
     check_vector,
 )
 from pyro_ntk._engines import CachedEngine, Engine, FuncTorchEngine, StructuredEngine, make_plan
+from pyro_ntk._memory import check_dense_memory
 from pyro_ntk._parameters import ParameterSpace, ParamSelector
 
 
@@ -62,13 +64,62 @@ _STRUCTURED_SHARE = 0.5
 """``auto`` picks ``structured`` when factored layers hold at least this share of P."""
 
 
+class _ValidatedInputs:
+    """Inputs that passed :meth:`Linearization._check_X`, until they change (internal).
+
+    An entry is keyed like the engines' chunk cache: the tensor object (held by a weak
+    reference, so a dead tensor whose ``id`` is reused never matches), its storage offset,
+    shape, strides, dtype and device, and it is valid only while the tensor's version
+    counter is unchanged. Every in-place write through the tensor or any view of its
+    storage bumps that counter, so ``X[0, 0] = nan`` makes the next call validate ``X``
+    again and reject it. A CG solve that calls ``ntk_mvm(X, X, V)`` a hundred times pays the
+    finiteness pass over ``X`` and the feature-shape check once. Like the chunk cache, it
+    cannot see writes that bypass the version counter (``X.data``, a NumPy array sharing
+    the memory); inference tensors have no version counter and are validated every time.
+    At most ``capacity`` entries are kept (oldest dropped first); pickling drops them.
+    """
+
+    def __init__(self, capacity: int = 8):
+        self.capacity = capacity
+        self._entries: dict[tuple, tuple[weakref.ref, int]] = {}
+
+    @staticmethod
+    def _key(X: Tensor) -> tuple:
+        return (id(X), X.storage_offset(), tuple(X.shape), X.stride(), X.dtype, X.device)
+
+    def __contains__(self, X: Tensor) -> bool:
+        if X.is_inference():
+            return False
+        entry = self._entries.get(self._key(X))
+        return entry is not None and entry[0]() is X and entry[1] == X._version
+
+    def add(self, X: Tensor) -> None:
+        """Remember ``X`` as validated at its current version."""
+        if X.is_inference():
+            return
+        key = self._key(X)
+        self._entries.pop(key, None)
+        while len(self._entries) >= self.capacity:
+            del self._entries[next(iter(self._entries))]
+        self._entries[key] = (weakref.ref(X), X._version)
+
+    def clear(self) -> None:
+        """Forget every entry."""
+        self._entries.clear()
+
+    def __getstate__(self) -> dict:
+        return {"capacity": self.capacity, "_entries": {}}
+
+
 class Linearization:
     r"""A trained network, linearized at its weights θ*, with matrix-free NTK products.
 
     θ* is a detached copy of the network's parameters (and its buffers), taken at
     construction: the network is never mutated, and later changes to it do not leak in.
     Every call evaluates the network in eval mode (BatchNorm uses running statistics,
-    Dropout is off) and restores each module's train/eval flag afterwards.
+    Dropout is off) and restores each module's train/eval flag afterwards. Inputs are data:
+    an ``X`` that requires grad is accepted and detached, so no gradient reaches it (on
+    every implementation); gradients flow to ``V``/``v``/``u`` and to ``variance``.
 
     Cost per chunk of ``n`` inputs (generic ``functorch`` engine): ``jvp`` ≈ 2–3 forward
     passes and ``vjp`` ≈ one forward + backward, for all ``k`` right-hand sides in one
@@ -118,6 +169,7 @@ class Linearization:
         self.engine: Engine = _ENGINES[self.implementation](network, self.space)
         self._output_dim: int | None = None
         self._accepted: set[tuple[int, ...]] = set()
+        self._validated = _ValidatedInputs()
 
     def _choose(self, requested: NTKImplementation) -> NTKImplementation:
         """Resolve ``auto`` by module types and sizes; record why in ``implementation_reason``."""
@@ -182,6 +234,9 @@ class Linearization:
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
         flags = [(m, m.training) for m in self.network.modules()]
+        if not any(flag for _, flag in flags):  # already in eval mode: nothing to toggle
+            yield
+            return
         self.network.train(False)
         try:
             yield
@@ -190,6 +245,14 @@ class Linearization:
                 m.training = flag
 
     def _check_X(self, where: str, name: str, X: object) -> Tensor:
+        # Inputs are data: one that requires grad is accepted and detached (no gradient
+        # reaches X on any engine, consistently; see the class docstring).
+        if isinstance(X, Tensor) and X.requires_grad:
+            X = X.detach()
+        # An input validated before and unchanged since (same tensor, same version counter)
+        # passes without another finiteness pass; see _ValidatedInputs.
+        if isinstance(X, Tensor) and X in self._validated:
+            return X
         X = check_inputs(where, name, X, self.dtype, self.device)
         feature_shape = tuple(X.shape[1:])
         key = (feature_shape, str(X.dtype))  # integer inputs (token ids) vary in dtype
@@ -203,6 +266,7 @@ class Linearization:
                     f"{where}: {name} has shape {tuple(X.shape)} and dtype {X.dtype}, whose "
                     f"feature shape {feature_shape} or dtype the network rejects{seen}: {exc}"
                 ) from exc
+            self._check_differentiable(where, X[:1])
             o = out.shape[-1]
             if self._output_dim is not None and o != self._output_dim:
                 raise ValueError(
@@ -211,7 +275,27 @@ class Linearization:
                 )
             self._output_dim = o
             self._accepted.add(key)
+        self._validated.add(X)
         return X
+
+    def _check_differentiable(self, where: str, X1: Tensor) -> None:
+        """Refuse a network whose output has no gradient path to θ (argmax, round, detach).
+
+        One forward of one example with autograd, once per accepted feature shape.
+        """
+        if torch.is_inference_mode_enabled():
+            return
+        if X1.is_inference():  # created under inference_mode: a normal copy of one row
+            X1 = X1.clone()
+        theta = {k: v.detach().requires_grad_(True) for k, v in self.space.theta.items()}
+        with torch.enable_grad(), self._eval_mode():
+            out = self.engine.f(theta, X1)
+        if not out.requires_grad:
+            raise ValueError(
+                f"{where}: network output does not depend differentiably on the linearized "
+                f"parameters (its forward has no gradient path to θ, e.g. argmax, round or "
+                f"detach), so its Jacobian is undefined; network = {type(self.network).__name__}."
+            )
 
     def _scale(self, where: str, variance: Tensor | float | None) -> Tensor | None:
         """Per-parameter σ² of shape ``(P,)`` from a scalar or per-group ``(G,)`` value."""
@@ -250,12 +334,22 @@ class Linearization:
         for start in range(0, N, step):
             yield slice(start, min(start + step, N))
 
+    def _over_rows(self, fn, X: Tensor, *args: Tensor) -> Tensor:
+        """``fn(X[c], *args)`` over the row chunks of ``X``, concatenated along rows.
+
+        One chunk (the common case) is passed whole: no slicing and no concatenation copy.
+        """
+        N = X.shape[0]
+        if not self.chunk_size or self.chunk_size >= N:
+            return fn(X, *args)
+        return torch.cat([fn(X[c], *args) for c in self._chunks(N)])
+
     # ------------------------------------------------------------------ products
     def __call__(self, X: Tensor) -> Tensor:
         """f(X; θ*), shape ``(N, O)``."""
         X = self._check_X("Linearization", "X", X)
         with self._eval_mode():
-            return torch.cat([self.engine.forward(X[c]) for c in self._chunks(X.shape[0])])
+            return self._over_rows(self.engine.forward, X)
 
     def jvp(self, X: Tensor, v: Tensor) -> Tensor:
         """J(X) v: ``v`` of shape ``(P,)`` or ``(P, k)`` gives ``(N, O)`` or ``(N, O, k)``."""
@@ -263,7 +357,7 @@ class Linearization:
         v = check_vector("Linearization.jvp", "v", v, self.num_params, self.dtype, self.device, "P")
         V = v if v.dim() == 2 else v.unsqueeze(-1)
         with self._eval_mode():
-            out = torch.cat([self.engine.jvp(X[c], V) for c in self._chunks(X.shape[0])])
+            out = self._over_rows(self.engine.jvp, X, V)
         return out if v.dim() == 2 else out.squeeze(-1)
 
     def vjp(self, X: Tensor, u: Tensor) -> Tensor:
@@ -279,12 +373,20 @@ class Linearization:
         flat = check_vector(
             "Linearization.vjp", "u", u.reshape(N * O, -1), N * O, self.dtype, self.device, "N·O"
         )
-        out = self._vjp(X, flat.reshape(N, O, -1))
+        with self._eval_mode():
+            out = self._vjp(X, flat.reshape(N, O, -1))
         return out if u.dim() == 3 else out.squeeze(-1)
 
     def _vjp(self, X: Tensor, U: Tensor) -> Tensor:
-        with self._eval_mode():
-            return sum(self.engine.vjp(X[c], U[c]) for c in self._chunks(X.shape[0]))
+        """Σ over row chunks of J(X_c)ᵀ U_c (call in eval mode)."""
+        N = X.shape[0]
+        if not self.chunk_size or self.chunk_size >= N:
+            return self.engine.vjp(X, U)
+        out = None
+        for c in self._chunks(N):
+            part = self.engine.vjp(X[c], U[c])
+            out = part if out is None else out + part
+        return out
 
     def ntk_mvm(
         self, X1: Tensor, X2: Tensor | None, V: Tensor, variance: Tensor | float | None = None
@@ -305,18 +407,18 @@ class Linearization:
         """
         where = "Linearization.ntk_mvm"
         X1 = self._check_X(where, "X1", X1)
-        X2 = X1 if X2 is None else self._check_X(where, "X2", X2)
+        X2 = X1 if X2 is None or X2 is X1 else self._check_X(where, "X2", X2)
         O = self._output_dim
         N2 = X2.shape[0]
         V = check_vector(where, "V", V, N2 * O, self.dtype, self.device, "N2·O")
         Vm = V if V.dim() == 2 else V.unsqueeze(-1)
         scale = self._scale(where, variance)
         # V → J(X2)ᵀ V → diag(σ²) J(X2)ᵀ V → J(X1) diag(σ²) J(X2)ᵀ V
-        JTV = self._vjp(X2, Vm.reshape(N2, O, -1))
-        if scale is not None:
-            JTV = JTV * scale.unsqueeze(-1)
         with self._eval_mode():
-            out = torch.cat([self.engine.jvp(X1[c], JTV) for c in self._chunks(X1.shape[0])])
+            JTV = self._vjp(X2, Vm.reshape(N2, O, -1))
+            if scale is not None:
+                JTV = JTV * scale.unsqueeze(-1)
+            out = self._over_rows(self.engine.jvp, X1, JTV)
         out = out.reshape(X1.shape[0] * O, -1)
         return out if V.dim() == 2 else out.squeeze(-1)
 
@@ -329,9 +431,7 @@ class Linearization:
         X = self._check_X("Linearization.ntk_diag", "X", X)
         scale = self._scale("Linearization.ntk_diag", variance)
         with self._eval_mode():
-            return torch.cat(
-                [self.engine.ntk_diag(X[c], scale).reshape(-1) for c in self._chunks(X.shape[0])]
-            )
+            return self._over_rows(self.engine.ntk_diag, X, scale).reshape(-1)
 
     def ntk_dense(
         self, X1: Tensor, X2: Tensor | None = None, variance: Tensor | float | None = None
@@ -342,6 +442,8 @@ class Linearization:
         same = X2 is None
         X2 = X1 if same else self._check_X(where, "X2", X2)
         scale = self._scale(where, variance)
+        n1, n2 = X1.shape[0] * self._output_dim, X2.shape[0] * self._output_dim
+        self._check_dense_memory(where, f"K of shape (N1·O, N2·O) = ({n1}, {n2})", n1 * n2)
         with self._eval_mode():
             rows = []
             for c1 in self._chunks(X1.shape[0]):
@@ -356,8 +458,31 @@ class Linearization:
     def jacobian(self, X: Tensor) -> Tensor:
         """Dense Jacobian ``(N, O, P)`` (small problems and tests)."""
         X = self._check_X("Linearization.jacobian", "X", X)
+        N, O, P = X.shape[0], self._output_dim, self.num_params
+        self._check_dense_memory(
+            "Linearization.jacobian", f"J of shape (N, O, P) = ({N}, {O}, {P})", N * O * P
+        )
         with self._eval_mode():
-            return torch.cat([self.engine.jacobian(X[c]) for c in self._chunks(X.shape[0])])
+            return self._over_rows(self.engine.jacobian, X)
+
+    max_dense_bytes: float | None = None
+    """Memory budget (bytes) of one dense matrix from :meth:`ntk_dense` or :meth:`jacobian`
+    (and the dense Cholesky paths built on them). ``None`` (default): half the memory
+    available at call time (``/proc/meminfo`` MemAvailable; CUDA: free device memory). Set it
+    on an instance (``lin.max_dense_bytes = 8e9``, or ``float("inf")`` to disable the guard).
+    Larger requests raise ``pyro_ntk._memory.DenseMemoryError`` (a ``MemoryError`` and a
+    ``ValueError``) before allocating."""
+
+    def _check_dense_memory(self, where: str, what: str, numel: int) -> None:
+        check_dense_memory(
+            where,
+            what,
+            numel * self.dtype.itemsize,
+            self.max_dense_bytes,
+            self.device,
+            alternative="the matrix-free path (ntk_mvm / jvp / vjp, NTKLinearOperator, "
+            "solver='cg') with a chunk_size",
+        )
 
     def __repr__(self) -> str:
         return (

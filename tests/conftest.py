@@ -4,6 +4,8 @@ import pytest
 import torch
 
 torch.set_default_dtype(torch.float64)
+# The suite runs thousands of tiny products: one thread avoids oversubscription overhead.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

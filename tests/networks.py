@@ -89,14 +89,50 @@ def snapshot(net: nn.Module) -> dict:
         "requires_grad": {n: p.requires_grad for n, p in net.named_parameters()},
         "buffers": {n: b.detach().clone() for n, b in net.named_buffers()},
         "training": [m.training for m in net.modules()],
+        "grads": {
+            n: None if p.grad is None else p.grad.detach().clone()
+            for n, p in net.named_parameters()
+        },
+        "hooks": {
+            name: {attr: dict(getattr(m, attr)) for attr in _HOOK_DICTS if hasattr(m, attr)}
+            for name, m in net.named_modules()
+        },
     }
+
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
 
 
 def assert_unchanged(net: nn.Module, before: dict) -> None:
     after = snapshot(net)
     assert after["training"] == before["training"]
     assert after["requires_grad"] == before["requires_grad"]
+    # same hook dicts, same keys, the very same hook objects
+    assert after["hooks"].keys() == before["hooks"].keys()
+    for name, attrs in before["hooks"].items():
+        for attr, hooks in attrs.items():
+            now = after["hooks"][name][attr]
+            assert now.keys() == hooks.keys(), f"{name}.{attr} keys changed"
+            assert all(now[k] is hooks[k] for k in hooks), f"{name}.{attr} hooks replaced"
     for kind in ("params", "buffers"):
         assert after[kind].keys() == before[kind].keys()
         for n, t in before[kind].items():
             assert torch.equal(after[kind][n], t), f"{kind} {n} changed"
+            # bitwise: also dtype/device/stride-independent equality of the bytes
+            assert after[kind][n].dtype == t.dtype and after[kind][n].device == t.device
+    for n, g in before["grads"].items():
+        g2 = after["grads"][n]
+        assert (g is None) == (g2 is None), f"grad of {n} created or dropped"
+        assert g is None or torch.equal(g, g2), f"grad of {n} changed"

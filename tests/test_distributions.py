@@ -322,3 +322,86 @@ def test_latent_site_under_svi_and_predictive():
     assert pred["v"].shape[0] == 7
     pred = Predictive(model, guide=guide, num_samples=3)()
     assert pred["f"].shape == (3, 4, 1)
+
+
+# ------------------------------------------------------------------ solver="auto" and preconditioner
+def test_auto_above_threshold_is_cg_with_fisher_preconditioner():
+    """N·O = 12 > max_cholesky_size = 11: CG with the Fisher preconditioner; at 12 ≤ 12 dense."""
+    from pyro_ntk.preconditioners import FisherPreconditioner
+
+    net, X = mlp(), torch.randn(6, 2)  # O = 2
+    d = LinearizedNetwork(net, X, variance=0.7, noise=0.1, max_cholesky_size=11)
+    assert d.system.method == "cg"
+    pre = d.system.preconditioner()
+    assert isinstance(pre, FisherPreconditioner) and pre.kind == "fisher"
+    d_dense = LinearizedNetwork(net, X, variance=0.7, noise=0.1, max_cholesky_size=12)
+    assert d_dense.system.method == "cholesky"
+    value = torch.randn(6, 2)
+    torch.testing.assert_close(
+        LinearizedNetwork(
+            net, X, variance=0.7, noise=0.1, max_cholesky_size=11, cg_tolerance=1e-11
+        ).log_prob(value),
+        d_dense.log_prob(value),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
+def test_preconditioner_none_is_plain_cg_not_gpytorch_default():
+    """None attaches an identity override, so linear_operator's pivoted Cholesky stays off
+    even where its settings would switch it on; plain CG needs more iterations than Fisher."""
+    import linear_operator
+
+    from pyro_ntk.preconditioners import IdentityPreconditioner
+
+    net, X = mlp(width=12), torch.randn(30, 2)
+    kw = dict(variance=1.0, noise=1e-3, solver="cg", cg_tolerance=1e-8, max_cg_iterations=500)
+    plain = LinearizedNetwork(net, X, preconditioner=None, **kw)
+    assert isinstance(plain.system.preconditioner(), IdentityPreconditioner)
+    op = plain.system.operator(torch.tensor(1.0), torch.tensor(1e-3))
+    with (
+        linear_operator.settings.min_preconditioning_size(0),
+        linear_operator.settings.max_preconditioner_size(15),
+    ):
+        assert op._preconditioner() == (None, None, None)
+    rhs = torch.randn(60, 1)
+    x = plain.system.solve(rhs, torch.tensor(1.0), False, torch.tensor(1e-3))
+    assert plain.system.last_solve.method == "cg"
+    fisher = LinearizedNetwork(net, X, preconditioner="fisher", **kw)
+    x_f = fisher.system.solve(rhs, torch.tensor(1.0), False, torch.tensor(1e-3))
+    assert fisher.system.last_solve.method == "pcg"
+    assert fisher.system.last_solve.iterations < plain.system.last_solve.iterations
+    K = reference_ntk(net, X) + 1e-3 * torch.eye(60)
+    torch.testing.assert_close(x, torch.linalg.solve(K, rhs), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_f, torch.linalg.solve(K, rhs), rtol=1e-5, atol=1e-5)
+
+
+def test_choose_solver_rule():
+    from pyro_ntk.distributions import DEFAULT_MAX_CHOLESKY_SIZE, available_memory, choose_solver
+
+    n = DEFAULT_MAX_CHOLESKY_SIZE
+    need64 = 2 * n * n * 8  # dense K + factor, float64
+    # size rule
+    assert choose_solver(n, torch.float64, memory_budget=2**62) == "cholesky"
+    assert choose_solver(n + 1, torch.float64, memory_budget=2**62) == "cg"
+    assert choose_solver(10, torch.float64, max_cholesky_size=9, memory_budget=2**62) == "cg"
+    # memory rule: exactly at the boundary of fraction × budget
+    assert choose_solver(n, torch.float64, memory_budget=2 * need64) == "cholesky"
+    assert choose_solver(n, torch.float64, memory_budget=2 * need64 - 1) == "cg"
+    assert choose_solver(n, torch.float64, memory_budget=need64, memory_fraction=1.0) == "cholesky"
+    # float32 needs half the memory
+    assert choose_solver(n, torch.float32, memory_budget=need64) == "cholesky"
+    assert choose_solver(n, torch.float64, memory_budget=need64) == "cg"
+    # budget read from the machine: a positive number of bytes here, and the rule uses it
+    mem = available_memory("cpu")
+    assert mem is None or mem > 0
+    expected = "cholesky" if mem is None or 4 * 100**2 * 8 <= mem else "cg"
+    assert choose_solver(100, torch.float64, "cpu") == expected
+    for kwargs, match in [
+        (dict(size=0, dtype=torch.float64), "size"),
+        (dict(size=10, dtype=torch.int64), "dtype"),
+        (dict(size=10, dtype=torch.float64, memory_budget=-1), "memory_budget"),
+        (dict(size=10, dtype=torch.float64, memory_fraction=0.0), "memory_fraction"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=f"choose_solver: {match}"):
+            choose_solver(**kwargs)

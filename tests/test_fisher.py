@@ -151,3 +151,48 @@ def test_invalid_arguments():
         FisherLinearOperator(X, linearization=net)
     with pytest.raises(ValueError, match="epsilon"):
         FisherLinearOperator(X, linearization=lin, epsilon=0.0)
+
+
+def _dense_fisher_at(J, f, likelihood):
+    """Σ_n J_nᵀ Λ(f_n) J_n with Λ written out densely at the given outputs f (N, O)."""
+    F = torch.zeros(J.shape[-1], J.shape[-1], dtype=J.dtype)
+    for n in range(J.shape[0]):
+        if likelihood == "bernoulli":
+            p = 1 / (1 + torch.exp(-f[n]))
+            Lam = torch.diag(p * (1 - p))
+        elif likelihood == "poisson":
+            Lam = torch.diag(torch.exp(f[n]))
+        else:
+            p = torch.exp(f[n]) / torch.exp(f[n]).sum()
+            Lam = torch.diag(p) - torch.outer(p, p)
+        F += J[n].T @ Lam @ J[n]
+    return F
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "categorical", "poisson"])
+def test_outputs_keyword_evaluates_lambda_at_the_given_outputs(likelihood):
+    net, X, kwargs, _ = _setup(likelihood)
+    lin = Linearization(net, implementation="functorch")
+    J = reference_jacobian(net, X)
+    f = reference_output(net, X) + 0.7 * torch.randn(X.shape[0], J.shape[1])
+    F = FisherLinearOperator(X, linearization=lin, likelihood=likelihood, outputs=f)
+    dense = _dense_fisher_at(J, f, likelihood)
+    assert not torch.allclose(dense, _dense_fisher(net, X, likelihood), atol=1e-6)
+    V = torch.randn(lin.num_params, 4)
+    torch.testing.assert_close(F.to_dense(), dense, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(F._matmul(V), dense @ V, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(F._diagonal(), dense.diagonal(), rtol=1e-10, atol=1e-10)
+
+
+def test_outputs_keyword_bad_input_is_named():
+    net, X, _, _ = _setup("categorical")
+    lin = Linearization(net)
+    with pytest.raises(ValueError, match=r"outputs must be finite with shape \(N, O\)"):
+        FisherLinearOperator(X, linearization=lin, likelihood="categorical", outputs=X[:, :2])
+    with pytest.raises(TypeError, match="outputs must be a tensor"):
+        FisherLinearOperator(X, linearization=lin, likelihood="categorical", outputs=[1.0])
+    with pytest.raises(ValueError, match="outputs= needs method='exact'"):
+        FisherLinearOperator(
+            X, linearization=lin, likelihood="categorical", method="finite_difference",
+            outputs=torch.zeros(X.shape[0], 3),
+        )  # fmt: skip

@@ -473,3 +473,135 @@ def test_predicate_last_layer_matches_columns_of_full_jacobian():
     full = Linearization(net).jacobian(X)
     last = Linearization(net, lambda name, p: name.startswith("2.")).jacobian(X)
     assert torch.allclose(last, full[..., -(8 + 2) :], rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------- validated-input memo
+def _small_lin(**kwargs) -> tuple[nn.Module, Linearization]:
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).train()
+    return net, Linearization(net, **kwargs)
+
+
+ENTRY_POINTS = {
+    "call": lambda lin, X: lin(X),
+    "jvp": lambda lin, X: lin.jvp(X, torch.ones(lin.num_params)),
+    "vjp": lambda lin, X: lin.vjp(X, torch.ones(X.shape[0], 2)),
+    "ntk_mvm": lambda lin, X: lin.ntk_mvm(X, X, torch.ones(2 * X.shape[0])),
+    "ntk_mvm_X2": lambda lin, X: lin.ntk_mvm(torch.zeros(2, 3), X, torch.ones(2 * X.shape[0])),
+    "ntk_diag": lambda lin, X: lin.ntk_diag(X),
+    "ntk_dense": lambda lin, X: lin.ntk_dense(X),
+    "jacobian": lambda lin, X: lin.jacobian(X),
+    "output_dim": lambda lin, X: lin.output_dim(X),
+}
+
+
+@pytest.mark.parametrize("impl", ["functorch", "cached", "structured"])
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_inplace_nonfinite_after_validation_is_rejected(entry, impl, bad):
+    """An X validated once and then made non-finite in place is validated again and rejected."""
+    _, lin = _small_lin(implementation=impl)
+    call = ENTRY_POINTS[entry]
+    X = torch.randn(4, 3)
+    call(lin, X)
+    call(lin, X)  # served by the memo
+    X[2, 1] = bad  # in place: bumps X's version counter
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        call(lin, X)
+    X[2, 1] = 0.5  # finite again: accepted, and products follow the new values
+    check = Linearization(lin.network, implementation="functorch")
+    assert_rel(
+        lin.ntk_mvm(X, None, torch.arange(8.0)), check.ntk_mvm(X.clone(), None, torch.arange(8.0))
+    )
+
+
+def test_inplace_nonfinite_through_a_view_or_the_base_is_rejected():
+    """Views share the version counter of their base: a write through either re-validates."""
+    _, lin = _small_lin(implementation="structured")
+    base = torch.randn(6, 3)
+    X = base[1:5]
+    V = torch.randn(8)
+    lin.ntk_mvm(X, None, V)
+    base[3, 0] = float("nan")  # row 2 of X, written through the base
+    with pytest.raises(ValueError, match="X1 contains 1 NaN"):
+        lin.ntk_mvm(X, None, V)
+    base[3, 0] = 0.0
+    lin.ntk_mvm(X, None, V)
+    X.T[2, 0] = float("inf")  # through another view of X
+    with pytest.raises(ValueError, match="X1 contains 1 NaN or infinite"):
+        lin.ntk_mvm(X, None, V)
+
+
+def test_memo_holds_validated_inputs_weakly_and_boundedly():
+    _, lin = _small_lin(implementation="structured")
+    X = torch.randn(4, 3)
+    lin(X)
+    assert X in lin._validated
+    X.add_(1.0)
+    assert X not in lin._validated  # stale after an in-place change
+    lin(X)
+    assert X in lin._validated
+    same_values = X.clone()  # another tensor: validated on its own
+    assert same_values not in lin._validated
+    others = [torch.randn(2, 3) for _ in range(3 * lin._validated.capacity)]  # kept alive
+    for other in others:
+        lin(other)
+    assert len(lin._validated._entries) <= lin._validated.capacity
+    assert X not in lin._validated  # evicted, so validated again next time
+    with pytest.raises(ValueError, match="NaN"):
+        lin(torch.full((2, 3), float("nan")))
+
+
+def test_memo_does_not_skip_type_or_shape_checks_for_other_tensors():
+    _, lin = _small_lin()
+    X = torch.randn(4, 3)
+    lin(X)
+    with pytest.raises(TypeError, match="dtype"):
+        lin(X.float())
+    with pytest.raises(ValueError, match="feature shape"):
+        lin(torch.randn(4, 7))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        lin(X.tolist())
+
+
+def test_inference_tensors_are_validated_every_call():
+    """Inference tensors have no version counter: never memoized, always validated."""
+    _, lin = _small_lin(implementation="functorch")
+    with torch.inference_mode():
+        X = torch.randn(4, 3)
+        lin(X)
+        assert X not in lin._validated
+        X[0, 0] = float("nan")
+        with pytest.raises(ValueError, match="NaN"):
+            lin(X)
+
+
+def test_memo_is_dropped_on_copy_and_pickle(tmp_path):
+    import copy
+
+    _, lin = _small_lin(implementation="structured")
+    X = torch.randn(4, 3)
+    lin.ntk_mvm(X, None, torch.randn(8))
+    twin = copy.deepcopy(lin)
+    assert len(twin._validated._entries) == 0
+    path = tmp_path / "lin.pt"
+    torch.save(lin, path)
+    loaded = torch.load(path, weights_only=False)
+    assert len(loaded._validated._entries) == 0
+    X[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        loaded(X)
+
+
+def test_network_already_in_eval_mode_stays_in_eval_mode():
+    """No toggling is needed when every module is in eval mode; flags are left as they are."""
+    net = _dropout().eval()
+    before = snapshot(net)
+    lin = Linearization(net)
+    X = torch.randn(4, 3)
+    J = reference_jacobian(net, X)
+    assert_rel(lin.jacobian(X), J)
+    assert_rel(lin.ntk_mvm(X, None, torch.arange(8.0)), flat(J) @ flat(J).T @ torch.arange(8.0))
+    assert torch.equal(lin(X), lin(X))  # Dropout off
+    assert_unchanged(net, before)
+    assert not any(m.training for m in net.modules())

@@ -70,6 +70,13 @@ class ChunkCache:
         """Drop every entry."""
         self._slots.clear()
 
+    def __getstate__(self) -> dict:
+        # Pickling (torch.save of a kernel or model) keeps the settings, not the entries:
+        # they hold weak references and closures, and are rebuilt on first use.
+        state = self.__dict__.copy()
+        state["_slots"], state["_watched"] = {}, set()
+        return state
+
     def get(self, X: Tensor, build: Callable[[Tensor], tuple[Any, int]]) -> Any:
         """The entry of chunk ``X``, built by ``build(X) -> (value, nbytes)`` when missing."""
         if X.is_inference() or self.max_bytes == 0:

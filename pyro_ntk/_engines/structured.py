@@ -422,14 +422,11 @@ class StructuredEngine(Engine):
             O, d_out = B.shape[1], B.shape[3]
             if fac.aexts[i] is not None:
                 # Σ_i [A | 1]_i (B [W | b])_i: weight and bias in one product
-                Wb = torch.cat(
-                    [
-                        V[layer.w_slice].reshape(d_out, d_in, k),
-                        V[layer.b_slice].reshape(d_out, 1, k),
-                    ],
-                    dim=1,
-                )
-                Vt = Wb.reshape(d_out, (d_in + 1) * k).T.contiguous()
+                # Vt = [W | b]ᵀ laid out ((d_in + 1)·k, d_out), written in one copy
+                Vt = V.new_empty(d_in + 1, k, d_out)
+                Vt[:d_in] = V[layer.w_slice].reshape(d_out, d_in, k).permute(1, 2, 0)
+                Vt[d_in] = V[layer.b_slice].T
+                Vt = Vt.reshape((d_in + 1) * k, d_out)
                 T = B.reshape(n, d_out) @ Vt.T
                 part = torch.bmm(fac.aexts[i].reshape(n, 1, d_in + 1), T.reshape(n, d_in + 1, k))
             elif _fast(layer, A, B):

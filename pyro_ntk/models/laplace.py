@@ -3,12 +3,13 @@ r"""Linearized Laplace: a Gaussian posterior over δ = θ − θ* for the linear
 .. math::
 
     \delta^* = \arg\max_\delta \; \sum_n \log p\big(y_n \mid f(x_n; \theta^*) + J_n \delta\big)
-        - \tfrac12 \delta^\top D \delta,
+        - \tfrac12 (\delta - m)^\top D (\delta - m),
     \qquad D = \mathrm{diag}(1/\sigma^2_{g(p)}),
 
     \Sigma = (F + D)^{-1}, \qquad F = \sum_n J_n^\top \Lambda_n J_n,
 
-with ``Λ_n`` the likelihood's Hessian at the MAP outputs ``f_lin(x_n; δ*)``. Because the
+with ``Λ_n`` the likelihood's Hessian at the MAP outputs ``f_lin(x_n; δ*)`` and ``m`` the
+prior mean of δ (``prior_mean``, default 0: the prior centred at θ*). Because the
 model is *linear* in δ, ``F`` is its exact Hessian (not an approximation), the MAP problem is
 convex, and the posterior is Gaussian up to the likelihood alone. Writing ``S = D^{-1/2}``
 (prior standard deviations) and ``S F S = U diag(λ) Uᵀ`` (top eigenpairs),
@@ -17,7 +18,7 @@ convex, and the posterior is Gaussian up to the likelihood alone. Writing ``S = 
 
     \Sigma = S\big(I - U\,\mathrm{diag}\tfrac{\lambda}{1+\lambda}\,U^\top\big) S,
     \qquad
-    \log p(y) \approx \log p(y \mid \delta^*) - \tfrac12 \delta^{*\top} D \delta^*
+    \log p(y) \approx \log p(y \mid \delta^*) - \tfrac12 (\delta^* - m)^{\top} D (\delta^* - m)
         - \tfrac12 \sum_i \log(1 + \lambda_i).
 
 Keeping only the top ``r`` eigenpairs *overestimates* variances (never underestimates them)
@@ -42,7 +43,7 @@ from pyro_ntk.fisher import FisherLinearOperator
 from pyro_ntk.linearization import Linearization
 from pyro_ntk.models.linearized import _check_variance
 from pyro_ntk.preconditioners import EigenPreconditioner
-from pyro_ntk.solvers import SolverDiagnostics, solve_damped
+from pyro_ntk.solvers import SolverDiagnostics, cholesky_with_jitter, solve_damped
 
 LIKELIHOODS = ("bernoulli", "categorical", "poisson", "gaussian")
 METHODS = ("auto", "dense", "kernel", "lanczos")
@@ -155,6 +156,11 @@ class LinearizedLaplace:
         slq_steps: Lanczos steps per SLQ probe.
         chunk_size: inputs per chunk for Jacobian products.
         linearization: an existing :class:`~pyro_ntk.Linearization` to share.
+        prior_mean: the prior mean ``m`` of δ, ``(P,)`` (default 0: the prior is centred at
+            θ*). The prior is ``N(m, D⁻¹)``: with ``m = θ₀ − θ*`` it is centred at ``θ₀``
+            instead, e.g. ``θ₀`` = source weights with a *zero* head when the head at θ* was
+            itself fitted to ``(X, y)`` (a prior centred there would count the data twice).
+            When θ* is a MAP of the network under that same prior, δ* = 0.
 
     Cost: ``dense`` O(N·O·P² + P³) time, O(P²) memory; ``kernel`` one VJP with ``N·O``
     columns, O((N·O)³ + P·N·O); ``lanczos`` ``r`` Fisher products (JVP + VJP over N each),
@@ -185,6 +191,7 @@ class LinearizedLaplace:
         slq_steps: int = 30,
         chunk_size: int | None = None,
         linearization: Linearization | None = None,
+        prior_mean: Tensor | None = None,
     ):
         where = "LinearizedLaplace"
         if linearization is None:
@@ -216,6 +223,16 @@ class LinearizedLaplace:
             raise ValueError(f"{where}: slq_probes must be an int >= 0, got {slq_probes!r}.")
         self.slq_probes = slq_probes
         self.slq_steps = check_positive_int(where, "slq_steps", slq_steps)
+        P = linearization.num_params
+        if prior_mean is None:
+            prior_mean = torch.zeros(P, dtype=linearization.dtype, device=linearization.device)
+        prior_mean = check_tensor(where, "prior_mean", prior_mean)
+        if tuple(prior_mean.shape) != (P,) or not bool(torch.isfinite(prior_mean).all()):
+            raise ValueError(
+                f"{where}: prior_mean must be a finite (P,) = ({P},) tensor (the prior mean of "
+                f"δ = θ − θ*), got shape {tuple(prior_mean.shape)}."
+            )
+        self.prior_mean = prior_mean.to(linearization.dtype).detach()
         self.delta: Tensor | None = None
         self._fitted = False
 
@@ -245,7 +262,8 @@ class LinearizedLaplace:
 
     def _log_joint(self, f0: Tensor, X: Tensor, y: Tensor, delta: Tensor, S: Tensor) -> Tensor:
         f = f0 + self.lin.jvp(X, delta)
-        return _log_likelihood(self.likelihood, f, y, self.noise) - 0.5 * (delta / S).square().sum()
+        quad = ((delta - self.prior_mean) / S).square().sum()
+        return _log_likelihood(self.likelihood, f, y, self.noise) - 0.5 * quad
 
     # ------------------------------------------------------------------ fitting
     def fit(
@@ -296,7 +314,8 @@ class LinearizedLaplace:
         S = self.prior_std()
         delta = self.delta.clone().requires_grad_(True)
         f0 = self._f_map - self.lin.jvp(X, self.delta)
-        before = float(self._loglik - 0.5 * (self.delta / S).square().sum())
+        m = self.prior_mean
+        before = float(self._loglik - 0.5 * ((self.delta - m) / S).square().sum())
         (g,) = torch.autograd.grad(self._log_joint(f0, X, y, delta, S), delta)
         if self.method_used == "lanczos":  # the eigen-form is truncated: solve exactly by CG
             step = self.solve(g, tol=1e-10, warn=False)[0]
@@ -306,7 +325,7 @@ class LinearizedLaplace:
         with torch.no_grad():
             f_map = f0 + self.lin.jvp(X, new)
             loglik = _log_likelihood(self.likelihood, f_map, y, self.noise)
-        if float(loglik - 0.5 * (new / S).square().sum()) > before:  # accept ascent only
+        if float(loglik - 0.5 * ((new - m) / S).square().sum()) > before:  # accept ascent only
             self.delta, self._f_map, self._loglik = new, f_map, loglik
             self._posterior(X, seed)
 
@@ -351,7 +370,7 @@ class LinearizedLaplace:
                 opt.zero_grad()
                 f = f0[idx] + self.lin.jvp(X[idx], delta)
                 lik = _log_likelihood(self.likelihood, f, y[idx], self.noise) * (N / B)
-                loss = -(lik - 0.5 * (delta / S).square().sum()) / N
+                loss = -(lik - 0.5 * ((delta - self.prior_mean) / S).square().sum()) / N
                 loss.backward()
                 opt.step()
         self.delta = delta.detach()
@@ -362,12 +381,11 @@ class LinearizedLaplace:
 
     def _fisher(self, X: Tensor) -> FisherLinearOperator:
         """F with Λ at the MAP outputs (the linear model's exact Hessian of −log p(y|δ))."""
-        F = FisherLinearOperator(
+        return FisherLinearOperator(
             X, linearization=self.lin, likelihood=self.likelihood,
             noise=1.0 if self.noise is None else self.noise,
+            outputs=self._f_map,  # Λ(f_lin(X; δ*)), not Λ(f(X; θ*))
         )  # fmt: skip
-        F.f_star = self._f_map  # Λ(f_lin(X; δ*)), not Λ(f(X; θ*))
-        return F
 
     def _choose_method(self, N: int, O: int) -> str:
         if self.method != "auto":
@@ -583,8 +601,8 @@ class LinearizedLaplace:
     def log_marginal_likelihood(self, variance: Tensor | None = None) -> Tensor:
         r"""The Laplace evidence at δ* (differentiable in ``variance``; default the current).
 
-        .. math:: \log p(y) \approx \log p(y\mid\delta^*) - \tfrac12 \delta^{*\top} D
-            \delta^* - \tfrac12 \log\det(I + S F S)
+        .. math:: \log p(y) \approx \log p(y\mid\delta^*) - \tfrac12 (\delta^* - m)^{\top} D
+            (\delta^* - m) - \tfrac12 \log\det(I + S F S)
 
         The log-determinant is exact on the ``dense`` and ``kernel`` routes. On ``lanczos``
         it is the stochastic Lanczos quadrature estimate (``slq_probes > 0``; unbiased up to
@@ -599,12 +617,13 @@ class LinearizedLaplace:
         route = self.method_used
         if route == "dense":
             A = torch.eye(self.num_params, dtype=S.dtype, device=S.device)
-            logdet = 2 * torch.linalg.cholesky(A + S[:, None] * self._F * S).diagonal().log().sum()
+            L = cholesky_with_jitter(A + S[:, None] * self._F * S, where=where)
+            logdet = 2 * L.diagonal().log().sum()
         elif route == "kernel":
             # (S B)ᵀ (S B) = Σ_g σ_g² B_gᵀ B_g
             gram = torch.einsum("g,gab->ab", var.expand(len(self.lin.groups)), self._grams)
             A = torch.eye(gram.shape[0], dtype=S.dtype, device=S.device) + gram
-            logdet = 2 * torch.linalg.cholesky(A).diagonal().log().sum()
+            logdet = 2 * cholesky_with_jitter(A, where=where).diagonal().log().sum()
         else:
             if self.layer_variances and variance is not None:
                 raise ValueError(
@@ -617,7 +636,7 @@ class LinearizedLaplace:
             else:
                 theta, w = self._slq
                 logdet = self.num_params * (w * torch.log1p(c * theta)).sum(-1).mean()
-        quad = (self.delta / S).square().sum()
+        quad = ((self.delta - self.prior_mean) / S).square().sum()
         return self._loglik - 0.5 * quad - 0.5 * logdet
 
     def optimize_prior(

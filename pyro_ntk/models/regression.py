@@ -59,7 +59,8 @@ class NTKGPRegression(GPModel):
       ``solver="cg"``: matrix-free, ``linear_operator``'s preconditioned CG + stochastic
       Lanczos quadrature for the marginal likelihood, the preconditioner
       (``make_preconditioner``) built once and reused for every σ², s².
-      ``"auto"``: Cholesky while ``N·O <= max_cholesky_size``.
+      ``"auto"``: Cholesky while ``N·O <= max_cholesky_size`` (default 4000, measured) and
+      the dense kernel fits in memory (:func:`pyro_ntk.distributions.choose_solver`).
     * :meth:`forward` on the CG path computes the mean by one CG solve and the variances
       from ``num_posterior_samples`` pathwise posterior draws
       (:math:`f_{\mathrm{post}} = f_{\mathrm{prior}} + \sigma^2 K_{\cdot X} A^{-1}
@@ -133,7 +134,11 @@ class NTKGPRegression(GPModel):
         elif not callable(mean):
             raise TypeError(f"{where}: mean must be 'network', 'zero' or a callable, got {mean!r}.")
         self.mean = mean
-        if not isinstance(jitter, (int, float)) or isinstance(jitter, bool) or jitter < 0:
+        if (
+            not isinstance(jitter, (int, float))
+            or isinstance(jitter, bool)
+            or not 0 <= jitter < float("inf")
+        ):
             raise ValueError(f"{where}: jitter must be a float >= 0, got {jitter!r}.")
         self.jitter = float(jitter)
         self.kernel = None  # the kernel is the network's NTK, held by the linearization

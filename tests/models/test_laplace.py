@@ -276,3 +276,36 @@ def test_bad_arguments_are_named():
     net1, X1, y1 = _problem("bernoulli", n=4)
     with pytest.raises(ValueError, match="categorical likelihood needs O >= 2"):
         LinearizedLaplace(net1, "categorical").fit(X1, y1.long())
+
+
+@pytest.mark.parametrize("method", ["dense", "kernel"])
+def test_prior_mean_shifts_the_map_and_the_evidence_but_not_the_covariance(method):
+    net, X, y = _problem("categorical", n=15)
+    torch.manual_seed(3)
+    m = 0.5 * torch.randn(sum(p.numel() for p in net.parameters()))
+    la = _make("categorical", net, method, prior_mean=m).fit(X, y)
+    # δ* is a stationary point of the log joint with the prior N(m, D⁻¹), by an independent check
+    J = reference_jacobian(net, X)
+    var = torch.tensor([0.7, 1.8])[la.lin.space.group_index()]
+    delta = la.delta.clone().requires_grad_(True)
+    f = reference_output(net, X) + J @ delta
+    lj = _reference_log_likelihood("categorical", f, y, None)
+    lj = lj - 0.5 * ((delta - m).square() / var).sum()
+    (g,) = torch.autograd.grad(lj, delta)
+    assert g.abs().max() < 1e-9
+    # Σ = (JᵀΛ(f*)J + D)⁻¹ with Λ at the MAP outputs
+    f_map = reference_output(net, X) + J @ la.delta
+    Lam = _dense_hessian("categorical", f_map, None)
+    F = torch.einsum("nop,noq,nqr->pr", J, Lam, J)
+    Sigma = torch.linalg.inv(F + torch.diag(1 / var))
+    torch.testing.assert_close(la.covariance(), Sigma, rtol=1e-8, atol=1e-10)
+    # evidence: log p(y|δ*) − ½ (δ*−m)ᵀD(δ*−m) − ½ log det(I + S F S)
+    S = var.sqrt()
+    ref = (
+        _reference_log_likelihood("categorical", f_map, y, None)
+        - 0.5 * ((la.delta - m).square() / var).sum()
+        - 0.5 * torch.logdet(torch.eye(len(S)) + S[:, None] * F * S)
+    )
+    torch.testing.assert_close(la.log_marginal_likelihood(), ref, rtol=1e-8, atol=1e-8)
+    with pytest.raises(ValueError, match="prior_mean must be a finite"):
+        _make("categorical", net, method, prior_mean=torch.zeros(3))

@@ -261,3 +261,21 @@ def test_bad_test_inputs():
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NTKGPRegression.forward: Xnew contains 1 NaN"):
         model(bad)
+
+
+def test_auto_solver_above_threshold_uses_fisher_cg():
+    from pyro_ntk.preconditioners import FisherPreconditioner, IdentityPreconditioner
+
+    net = mlp()
+    X, y, Xs = torch.randn(12, 2), torch.randn(12), torch.randn(4, 2)
+    kw = dict(noise=torch.tensor(0.05), variance=torch.tensor(0.8))
+    big = NTKGPRegression(X, y, net, max_cholesky_size=11, cg_tolerance=1e-11, **kw)
+    assert big.solver == "cg"
+    assert isinstance(big._system.preconditioner(), FisherPreconditioner)
+    small = NTKGPRegression(X, y, net, max_cholesky_size=12, **kw)
+    assert small.solver == "cholesky"
+    rel_err = (big(Xs)[0] - small(Xs)[0]).norm() / small(Xs)[0].norm()
+    assert rel_err <= 1e-7
+    assert big.last_solve.method == "pcg"
+    none = NTKGPRegression(X, y, net, solver="cg", preconditioner=None, **kw)
+    assert isinstance(none._system.preconditioner(), IdentityPreconditioner)
