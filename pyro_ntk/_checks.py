@@ -100,3 +100,10 @@ def check_positive_int(
     if value < 1:
         raise ValueError(f"{where}: {name} must be {expected}, got {value!r}.")
     return value
+
+
+def check_choice(where: str, name: str, value: object, choices) -> object:
+    """Require ``value`` to be one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{where}: {name} must be one of {list(choices)}, got {value!r}.")
+    return value

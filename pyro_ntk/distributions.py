@@ -30,7 +30,7 @@ from linear_operator import settings as lo_settings
 from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor, nn
 
-from pyro_ntk._checks import check_finite, check_positive_int, check_tensor
+from pyro_ntk._checks import check_choice, check_finite, check_positive_int, check_tensor
 from pyro_ntk.linearization import Linearization
 from pyro_ntk.solvers import SolverDiagnostics, cholesky_with_jitter, conjugate_gradient
 
@@ -196,11 +196,6 @@ def check_positive(where: str, name: str, value: object, lin: Linearization) -> 
     return value
 
 
-def _check_choice(where: str, name: str, value: object, choices: Sequence) -> None:
-    if value not in choices:
-        raise ValueError(f"{where}: {name} must be one of {list(choices)}, got {value!r}.")
-
-
 def _load_make_preconditioner():
     try:
         from pyro_ntk.preconditioners import make_preconditioner
@@ -258,8 +253,8 @@ class NTKSystem:
         preconditioner_rank: int = 100,
         where: str = "NTKSystem",
     ):
-        _check_choice(where, "solver", solver, SOLVERS)
-        _check_choice(where, "preconditioner", preconditioner, PRECONDITIONERS)
+        check_choice(where, "solver", solver, SOLVERS)
+        check_choice(where, "preconditioner", preconditioner, PRECONDITIONERS)
         check_positive_int(where, "max_cg_iterations", max_cg_iterations)
         check_positive_int(where, "num_trace_samples", num_trace_samples)
         check_positive_int(where, "preconditioner_rank", preconditioner_rank)
@@ -631,7 +626,7 @@ class LinearizedNetwork(TorchDistribution):
         else:
             self.noise = check_positive(where, "noise", noise, lin)
         if isinstance(mean, str):
-            _check_choice(where, "mean", mean, ("network", "zero"))
+            check_choice(where, "mean", mean, ("network", "zero"))
             if mean == "network":
                 self.loc = lin(self.X)
             else:

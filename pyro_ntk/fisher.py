@@ -61,7 +61,8 @@ from linear_operator.operators import LinearOperator
 from torch import Tensor
 from torch.func import grad, vmap
 
-from pyro_ntk.linearization import Linearization
+from pyro_ntk._checks import check_choice
+from pyro_ntk.linearization import Linearization, check_linearization
 
 __all__ = ["FisherLinearOperator", "LIKELIHOODS", "default_epsilon"]
 
@@ -155,17 +156,9 @@ class FisherLinearOperator(LinearOperator):
         outputs: Tensor | None = None,
     ):
         where = "FisherLinearOperator"
-        if not isinstance(linearization, Linearization):
-            raise TypeError(
-                f"{where}: linearization must be a pyro_ntk.Linearization, "
-                f"got {type(linearization).__name__}."
-            )
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(
-                f"{where}: likelihood must be one of {LIKELIHOODS}, got {likelihood!r}."
-            )
-        if method not in METHODS:
-            raise ValueError(f"{where}: method must be one of {METHODS}, got {method!r}.")
+        check_linearization(where, linearization)
+        check_choice(where, "likelihood", likelihood, LIKELIHOODS)
+        check_choice(where, "method", method, METHODS)
         X = linearization._check_X(where, "X", X)
         N, O = X.shape[0], linearization.output_dim(X)
         noise_t = None

@@ -490,3 +490,13 @@ class Linearization:
             f"groups={len(self.groups)}, implementation={self.implementation.value!r}, "
             f"chunk_size={self.chunk_size})"
         )
+
+
+def check_linearization(where: str, linearization: object) -> Linearization:
+    """Require a :class:`Linearization` (the shared check of operators, models, solvers)."""
+    if not isinstance(linearization, Linearization):
+        raise TypeError(
+            f"{where}: linearization must be a pyro_ntk.Linearization, "
+            f"got {type(linearization).__name__}."
+        )
+    return linearization

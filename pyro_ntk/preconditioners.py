@@ -64,7 +64,7 @@ from linear_operator.operators import (
 from torch import Tensor
 
 from pyro_ntk._checks import check_positive_int, check_tensor
-from pyro_ntk.linearization import Linearization
+from pyro_ntk.linearization import Linearization, check_linearization
 
 __all__ = [
     "EigenPreconditioner",
@@ -329,11 +329,7 @@ class Preconditioner(ABC):
         rebuild_factor: float = 2.0,
     ):
         where = type(self).__name__
-        if not isinstance(linearization, Linearization):
-            raise TypeError(
-                f"{where}: linearization must be a pyro_ntk.Linearization, "
-                f"got {type(linearization).__name__}."
-            )
+        check_linearization(where, linearization)
         check_positive_int(where, "rank", rank)
         if not (isinstance(rebuild_factor, float | int) and rebuild_factor >= 1):
             raise ValueError(f"{where}: rebuild_factor must be >= 1, got {rebuild_factor!r}.")

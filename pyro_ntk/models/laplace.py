@@ -37,10 +37,10 @@ import torch
 from linear_operator.utils.lanczos import lanczos_tridiag
 from torch import Tensor, nn
 
-from pyro_ntk._checks import check_positive_int, check_tensor
+from pyro_ntk._checks import check_choice, check_positive_int, check_tensor
 from pyro_ntk._parameters import ParamSelector
 from pyro_ntk.fisher import FisherLinearOperator
-from pyro_ntk.linearization import Linearization
+from pyro_ntk.linearization import Linearization, check_linearization
 from pyro_ntk.models.linearized import _check_variance
 from pyro_ntk.preconditioners import EigenPreconditioner
 from pyro_ntk.solvers import SolverDiagnostics, cholesky_with_jitter, solve_damped
@@ -196,17 +196,10 @@ class LinearizedLaplace:
         where = "LinearizedLaplace"
         if linearization is None:
             linearization = Linearization(network, params, chunk_size=chunk_size)
-        elif not isinstance(linearization, Linearization):
-            raise TypeError(
-                f"{where}: linearization must be a pyro_ntk.Linearization, "
-                f"got {type(linearization).__name__}."
-            )
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(
-                f"{where}: likelihood must be one of {LIKELIHOODS}, got {likelihood!r}."
-            )
-        if method not in METHODS:
-            raise ValueError(f"{where}: method must be one of {METHODS}, got {method!r}.")
+        else:
+            check_linearization(where, linearization)
+        check_choice(where, "likelihood", likelihood, LIKELIHOODS)
+        check_choice(where, "method", method, METHODS)
         if (likelihood == "gaussian") != (noise is not None):
             raise ValueError(
                 f"{where}: noise is required for, and only for, the gaussian likelihood; got "

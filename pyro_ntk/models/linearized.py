@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from pyro_ntk._checks import check_tensor
 from pyro_ntk._parameters import ParamSelector
-from pyro_ntk.linearization import Linearization
+from pyro_ntk.linearization import Linearization, check_linearization
 
 # Plates that Pyro itself opens to vectorise over particles or predictive samples: δ
 # *should* carry their batch dimension.
@@ -113,11 +113,8 @@ class LinearizedModel(PyroModule):
         where = "LinearizedModel"
         if linearization is None:
             linearization = Linearization(network, params, chunk_size=chunk_size)
-        elif not isinstance(linearization, Linearization):
-            raise TypeError(
-                f"{where}: linearization must be a pyro_ntk.Linearization, "
-                f"got {type(linearization).__name__}."
-            )
+        else:
+            check_linearization(where, linearization)
         if not isinstance(name, str) or not name:
             raise ValueError(f"{where}: name must be a non-empty string, got {name!r}.")
         # A plain attribute, not a submodule: the network's weights stay out of parameters().

@@ -22,12 +22,11 @@ from pyro.distributions import constraints
 from pyro.nn.module import PyroParam
 from torch import Tensor, nn
 
-from pyro_ntk._checks import check_finite, check_positive_int, check_tensor
+from pyro_ntk._checks import check_choice, check_finite, check_positive_int, check_tensor
 from pyro_ntk.distributions import (
     DEFAULT_MAX_CHOLESKY_SIZE,
     LinearizedNetwork,
     NTKSystem,
-    _check_choice,
     _linearization,
     _relative_residual,
     check_positive,
@@ -130,7 +129,7 @@ class NTKGPRegression(GPModel):
         self.linearization = _linearization(where, network, params, chunk_size)
         lin = self.linearization
         if isinstance(mean, str):
-            _check_choice(where, "mean", mean, ("network", "zero"))
+            check_choice(where, "mean", mean, ("network", "zero"))
         elif not callable(mean):
             raise TypeError(f"{where}: mean must be 'network', 'zero' or a callable, got {mean!r}.")
         self.mean = mean

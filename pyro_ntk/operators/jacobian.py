@@ -26,21 +26,12 @@ from linear_operator.utils.memoize import cached
 from torch import Tensor
 
 from pyro_ntk._checks import check_tensor
-from pyro_ntk.linearization import Linearization
+from pyro_ntk.linearization import Linearization, check_linearization
 
 __all__ = ["JacobianLinearOperator", "convert_linearization"]
 
 
 # ---------------------------------------------------------------------------- helpers
-def _check_linearization(where: str, linearization: object) -> Linearization:
-    if not isinstance(linearization, Linearization):
-        raise TypeError(
-            f"{where}: linearization must be a pyro_ntk.Linearization, "
-            f"got {type(linearization).__name__}."
-        )
-    return linearization
-
-
 def _to_columns(where: str, rhs: Tensor, rows: int) -> tuple[Tensor, tuple[int, ...] | None]:
     """Flatten ``(*batch, rows, C)`` (or ``(rows,)``) into ``(rows, B·C)`` columns.
 
@@ -164,7 +155,7 @@ def convert_linearization(
         True
     """
     where = "convert_linearization"
-    linearization = _check_linearization(where, linearization)
+    linearization = check_linearization(where, linearization)
     dtype = linearization.dtype if dtype is None else dtype
     device = linearization.device if device is None else torch.device(device)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -323,7 +314,7 @@ class _JacobianOperatorBase(_RepeatedMatrixOperator):
         self, X: Tensor, *, linearization: Linearization, batch_shape: tuple[int, ...] = ()
     ):
         where = type(self).__name__.lstrip("_")
-        linearization = _check_linearization(where, linearization)
+        linearization = check_linearization(where, linearization)
         X = _as_data(check_tensor(where, "X", X))
         self.num_outputs = linearization.output_dim(linearization._check_X(where, "X", X))
         batch_shape = torch.Size(batch_shape)

@@ -28,11 +28,10 @@ from linear_operator.utils.memoize import cached
 from torch import Tensor
 
 from pyro_ntk._checks import check_finite, check_tensor
-from pyro_ntk.linearization import Linearization
+from pyro_ntk.linearization import Linearization, check_linearization
 from pyro_ntk.operators.jacobian import (
     JacobianLinearOperator,
     _as_data,
-    _check_linearization,
     _example_index,
     _flat_index,
     _from_columns,
@@ -161,7 +160,7 @@ class NTKLinearOperator(_RepeatedMatrixOperator):
         batch_shape: tuple[int, ...] = (),
     ):
         where = "NTKLinearOperator"
-        lin = _check_linearization(where, linearization)
+        lin = check_linearization(where, linearization)
         X1 = _as_data(check_tensor(where, "X1", X1))
         X2 = X1 if X2 is None else _as_data(check_tensor(where, "X2", X2))
         self.num_outputs = lin.output_dim(lin._check_X(where, "X1", X1))  # validates X1
