@@ -421,6 +421,24 @@ class NTKSystem:
             results.append(lp.reshape(batch[:k]))
         return torch.stack(results, dim=-1).reshape(batch)
 
+    def dense_factor(self, variance: Tensor, layer: bool, diag: Tensor) -> tuple[Tensor, Tensor]:
+        """Dense ``A = σ²K + diag·I`` and its Cholesky factor ``L`` (jitter retried)."""
+        A = self.kernel(variance, layer)
+        A = A + diag * torch.eye(self.size, dtype=A.dtype, device=A.device)
+        return A, self.cholesky(A)
+
+    def record_cholesky(self, A: Tensor, x: Tensor, rhs: Tensor) -> None:
+        """Set :attr:`last_solve` for a Cholesky solve ``A x = rhs`` (residual recomputed)."""
+        self.last_solve = SolverDiagnostics(
+            method="cholesky",
+            iterations=0,
+            relative_residual=_relative_residual(A @ x, rhs),
+            converged=True,
+            tol=self.cg_tolerance,
+            matvecs=0,
+            num_rhs=rhs.shape[-1],
+        )
+
     def solve(self, rhs: Tensor, variance: Tensor, layer: bool, diag: Tensor) -> Tensor:
         r"""``A⁻¹ rhs`` for ``rhs`` of shape ``(N·O, k)`` (scalar or ``(G,)`` σ², no batch).
 
@@ -430,19 +448,9 @@ class NTKSystem:
         in one batched iteration, a ``NumericalWarning`` if it stops above the tolerance.
         """
         if self.method == "cholesky":
-            A = self.kernel(variance, layer)
-            A = A + diag * torch.eye(self.size, dtype=A.dtype, device=A.device)
-            L = self.cholesky(A)
+            A, L = self.dense_factor(variance, layer, diag)
             x = torch.cholesky_solve(rhs, L)
-            self.last_solve = SolverDiagnostics(
-                method="cholesky",
-                iterations=0,
-                relative_residual=_relative_residual(A @ x, rhs),
-                converged=True,
-                tol=self.cg_tolerance,
-                matvecs=0,
-                num_rhs=rhs.shape[-1],
-            )
+            self.record_cholesky(A, x, rhs)
             return x
         op = self.operator(variance, diag)
         with self._settings():

@@ -28,7 +28,6 @@ from pyro_ntk.distributions import (
     LinearizedNetwork,
     NTKSystem,
     _linearization,
-    _relative_residual,
     check_positive,
 )
 from pyro_ntk.linearization import Linearization
@@ -306,22 +305,12 @@ class NTKGPRegression(GPModel):
         r = (self.y.reshape(N, O) - self._mean_X).reshape(N * O, 1)
         m_new = self._mean(Xnew).reshape(M * O)
         if sysm.method == "cholesky":
-            A = sysm.kernel(variance, self.layer_variances)
-            A = A + d * torch.eye(N * O, dtype=A.dtype, device=A.device)
-            L = sysm.cholesky(A)
+            A, L = sysm.dense_factor(variance, self.layer_variances, d)
             Kxs = lin.ntk_dense(self.X, Xnew, variance=variance)  # (N·O, M·O)
             alpha = torch.cholesky_solve(r, L)
             mean = m_new + (Kxs.T @ alpha).squeeze(-1)
             W = torch.linalg.solve_triangular(L, Kxs, upper=False)
-            sysm.last_solve = SolverDiagnostics(
-                method="cholesky",
-                iterations=0,
-                relative_residual=_relative_residual(A @ alpha, r),
-                converged=True,
-                tol=sysm.cg_tolerance,
-                matvecs=0,
-                num_rhs=1,
-            )
+            sysm.record_cholesky(A, alpha, r)
             if full_cov:
                 cov = lin.ntk_dense(Xnew, variance=variance) - W.T @ W
             else:
