@@ -86,6 +86,13 @@ def check_vector(
     return check_finite(where, name, value)
 
 
+def check_nonnegative_int(where: str, name: str, value: object) -> int:
+    """Require an ``int >= 0`` (bools rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where}: {name} must be an int >= 0, got {value!r}.")
+    return value
+
+
 def check_positive_int(
     where: str, name: str, value: object, allow_none: bool = False
 ) -> int | None:

@@ -96,6 +96,12 @@ class ParameterSpace:
         """G, the number of parameter groups (layers)."""
         return len(self.groups)
 
+    def versions(self) -> tuple[int, ...]:
+        """Version counters of θ* and the fixed tensors: any in-place change bumps one."""
+        return tuple(t._version for t in self.theta.values()) + tuple(
+            t._version for t in self.fixed.values()
+        )
+
     def group_index(self) -> Tensor:
         """Group index of every flat parameter, shape ``(P,)``, on the parameters' device."""
         sizes = torch.tensor(self.numels, device=self.device)

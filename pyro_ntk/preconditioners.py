@@ -63,7 +63,7 @@ from linear_operator.operators import (
 )
 from torch import Tensor
 
-from pyro_ntk._checks import check_positive_int, check_tensor
+from pyro_ntk._checks import check_nonnegative_int, check_positive_int, check_tensor
 from pyro_ntk.linearization import Linearization, check_linearization
 
 __all__ = [
@@ -528,12 +528,8 @@ class FisherPreconditioner(Preconditioner):
         where = "FisherPreconditioner"
         if oversampling is None:
             oversampling = rank // 2 if isinstance(rank, int) else 0
-        if not isinstance(oversampling, int) or oversampling < 0:
-            raise ValueError(f"{where}: oversampling must be an int >= 0, got {oversampling!r}.")
-        if not isinstance(power_iterations, int) or power_iterations < 0:
-            raise ValueError(
-                f"{where}: power_iterations must be an int >= 0, got {power_iterations!r}."
-            )
+        check_nonnegative_int(where, "oversampling", oversampling)
+        check_nonnegative_int(where, "power_iterations", power_iterations)
         if sketch not in ("parameter", "function"):
             raise ValueError(f"{where}: sketch must be 'parameter' or 'function', got {sketch!r}.")
         self.oversampling = oversampling
@@ -629,15 +625,8 @@ class NystromPreconditioner(Preconditioner):
         variance: Tensor | float | None = None,
         rebuild_factor: float = 2.0,
     ):
-        if not isinstance(oversampling, int) or oversampling < 0:
-            raise ValueError(
-                f"NystromPreconditioner: oversampling must be an int >= 0, got {oversampling!r}."
-            )
-        if not isinstance(power_iterations, int) or power_iterations < 0:
-            raise ValueError(
-                "NystromPreconditioner: power_iterations must be an int >= 0, "
-                f"got {power_iterations!r}."
-            )
+        check_nonnegative_int("NystromPreconditioner", "oversampling", oversampling)
+        check_nonnegative_int("NystromPreconditioner", "power_iterations", power_iterations)
         self.oversampling = oversampling
         self.power_iterations = power_iterations
         super().__init__(

@@ -123,13 +123,8 @@ class CachedEngine(FuncTorchEngine):
         cache_bytes: int | None = DEFAULT_CACHE_BYTES,
     ):
         super().__init__(network, space)
-        self.cache = ChunkCache(self._versions, cache_bytes)
+        self.cache = ChunkCache(self.space.versions, cache_bytes)
         self.use_linearize = True
-
-    def _versions(self) -> tuple[int, ...]:
-        return tuple(t._version for t in self.space.theta.values()) + tuple(
-            t._version for t in self.space.fixed.values()
-        )
 
     def clear_cache(self) -> None:
         """Release every cached chunk."""

@@ -251,12 +251,7 @@ class StructuredEngine(Engine):
     ):
         super().__init__(network, space)
         self.plan = make_plan(network, space)
-        self.cache = ChunkCache(self._versions, cache_bytes)
-
-    def _versions(self) -> tuple[int, ...]:
-        return tuple(t._version for t in self.space.theta.values()) + tuple(
-            t._version for t in self.space.fixed.values()
-        )
+        self.cache = ChunkCache(self.space.versions, cache_bytes)
 
     def clear_cache(self) -> None:
         """Release every cached chunk."""

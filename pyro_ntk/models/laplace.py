@@ -37,7 +37,12 @@ import torch
 from linear_operator.utils.lanczos import lanczos_tridiag
 from torch import Tensor, nn
 
-from pyro_ntk._checks import check_choice, check_positive_int, check_tensor
+from pyro_ntk._checks import (
+    check_choice,
+    check_nonnegative_int,
+    check_positive_int,
+    check_tensor,
+)
 from pyro_ntk._parameters import ParamSelector
 from pyro_ntk.fisher import FisherLinearOperator
 from pyro_ntk.linearization import Linearization, check_linearization
@@ -212,9 +217,7 @@ class LinearizedLaplace:
         self.noise = None if noise is None else _check_variance(where, noise, linearization, False)
         self.method = method
         self.rank = check_positive_int(where, "rank", rank)
-        if isinstance(slq_probes, bool) or not isinstance(slq_probes, int) or slq_probes < 0:
-            raise ValueError(f"{where}: slq_probes must be an int >= 0, got {slq_probes!r}.")
-        self.slq_probes = slq_probes
+        self.slq_probes = check_nonnegative_int(where, "slq_probes", slq_probes)
         self.slq_steps = check_positive_int(where, "slq_steps", slq_steps)
         P = linearization.num_params
         if prior_mean is None:
@@ -291,8 +294,7 @@ class LinearizedLaplace:
         where = "LinearizedLaplace.fit"
         X, y, _ = self._check_data(where, X, y)
         check_positive_int(where, "num_steps", num_steps)
-        if isinstance(newton_steps, bool) or not isinstance(newton_steps, int) or newton_steps < 0:
-            raise ValueError(f"{where}: newton_steps must be an int >= 0, got {newton_steps!r}.")
+        check_nonnegative_int(where, "newton_steps", newton_steps)
         check_positive_int(where, "batch_size", batch_size, allow_none=True)
         if optimizer not in ("lbfgs", "adam"):
             raise ValueError(f"{where}: optimizer must be 'lbfgs' or 'adam', got {optimizer!r}.")
