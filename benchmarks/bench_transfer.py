@@ -204,28 +204,10 @@ def make_network(input_dim: int, width: int) -> nn.Module:
     ).double()
 
 
-def _adam(net: nn.Module, X: Tensor, y: Tensor, steps: int, lr: float, validation=None) -> float:
-    """Full-batch Adam on the MSE; with ``validation``, keep the best weights (every 10 steps)."""
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    best, best_state = float("inf"), None
-    for step in range(steps):
-        opt.zero_grad()
-        (net(X).squeeze(-1) - y).square().mean().backward()
-        opt.step()
-        if validation is not None and step % 10 == 0:
-            with torch.no_grad():
-                err = float((net(validation[0]).squeeze(-1) - validation[1]).square().mean())
-            if err < best:
-                best, best_state = err, copy.deepcopy(net.state_dict())
-    if best_state is not None:
-        net.load_state_dict(best_state)
-    net.eval()
-    with torch.no_grad():
-        return float((net(X).squeeze(-1) - y).square().mean())
-
-
 def train_source(task: str, data: dict[str, Tensor], seed: int, cfg: Config) -> nn.Module:
     """The source network: Adam, lr 1e-2; the table holds out a fifth of its rows and stops early."""
+    from pyro_ntk.demo import train_mse
+
     torch.manual_seed(seed)
     net = make_network(data["Xs"].shape[1], cfg.width)
     X, y, validation = data["Xs"], data["ys"], None
@@ -234,14 +216,16 @@ def train_source(task: str, data: dict[str, Tensor], seed: int, cfg: Config) -> 
         n_val = X.shape[0] // 5
         validation = (X[perm[:n_val]], y[perm[:n_val]])
         X, y = X[perm[n_val:]], y[perm[n_val:]]
-    _adam(net, X, y, cfg.source_steps, 1e-2, validation)
+    train_mse(net, net.parameters(), X, y, cfg.source_steps, 1e-2, "", False, validation)
     return net
 
 
 def fine_tune(net: nn.Module, X: Tensor, y: Tensor, steps: int) -> tuple[nn.Module, float]:
     """A fine-tuned copy (Adam, lr 1e-2, full batch) and its training MSE."""
+    from pyro_ntk.demo import train_mse
+
     tuned = copy.deepcopy(net)
-    return tuned, _adam(tuned, X, y, steps, 1e-2)
+    return tuned, train_mse(tuned, tuned.parameters(), X, y, steps, 1e-2, "", False)
 
 
 def gaussian_scores(mean: Tensor, var: Tensor, y: Tensor) -> dict[str, float]:

@@ -201,7 +201,7 @@ def _progress(iterable, desc: str, enabled: bool):
     return tqdm(iterable, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
-def _train(
+def train_mse(
     net: nn.Module,
     params,
     X: Tensor,
@@ -298,7 +298,7 @@ def source_network(cfg: DemoConfig, data: Data, device: torch.device) -> tuple[n
         n_val = X.shape[0] // 5
         iv, it = perm[:n_val].to(X.device), perm[n_val:].to(X.device)
         X, y, validation = X[it], y[it], (X[iv], y[iv])
-    mse = _train(
+    mse = train_mse(
         net,
         net.parameters(),
         X,
@@ -416,7 +416,7 @@ def _ntk_gp(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, object
 def _fine_tune(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, nn.Module]:
     t0 = time.perf_counter()
     tuned = copy.deepcopy(net)
-    mse = _train(
+    mse = train_mse(
         tuned,
         tuned.parameters(),
         data.X_target,
@@ -439,7 +439,7 @@ def _last_layer(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, nn
         p.requires_grad_(False)
     for p in last.parameters():
         p.requires_grad_(True)
-    mse = _train(
+    mse = train_mse(
         tuned,
         last.parameters(),
         data.X_target,
