@@ -23,8 +23,18 @@ import torch
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
-def interleaved_min(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1):
-    """Min wall time (seconds) of each callable over ``repeats`` round-robin rounds."""
+def interleaved_min(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, number: int = 1
+):
+    """Min wall time (seconds per call) of each callable over ``repeats`` round-robin rounds.
+
+    In each round every callable runs ``number`` times in a row and is charged the mean of
+    that block: with ``number > 1`` each contender is timed in its own steady state (a CG
+    solve calls K·v back to back; a training loop calls forward+backward back to back)
+    rather than right after a different contender has evicted its working set from the
+    caches (measured: a K·v timed straight after a forward+backward costs ~0.1× of a
+    forward+backward more than the same K·v after another K·v).
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -32,8 +42,9 @@ def interleaved_min(fns: dict[str, Callable[[], object]], repeats: int, warmup: 
     for _ in range(repeats):
         for name, fn in fns.items():
             t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
+            for _ in range(number):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) / number)
     return best
 
 

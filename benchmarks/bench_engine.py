@@ -48,6 +48,8 @@ from _common import (
 from pyro_ntk import Linearization
 
 STRATEGIES = ("functorch", "cached", "structured")
+BLOCK = 5
+"""Calls per timed block: each contender is timed in its steady state, back to back."""
 
 
 # ---------------------------------------------------------------------------- networks
@@ -224,7 +226,7 @@ def headline(repeats: int, N: int = 2000) -> tuple[str, dict]:
     X = torch.randn(N, 32)
     fns, lins = mvm_contenders(net, X, (1, 16), full=True)
     check_agreement(lins, X)
-    best = interleaved_min(fns, repeats)
+    best = interleaved_min(fns, repeats, number=BLOCK)
     fb = best["forward+backward"]
     rows = [[name, fmt_ms(t), f"{t / fb:.2f}"] for name, t in best.items()]
     table = markdown_table(["MLP 32-256-256-1, N=2000", "ms", "× fwd+bwd"], rows)
@@ -269,7 +271,7 @@ def cnn_case(repeats: int, N: int = 1000) -> tuple[str, dict]:
     X = torch.randn(N, 1, 28, 28)
     fns, lins = mvm_contenders(net, X, (1, 16), full=False)
     check_agreement(lins, X)
-    best = interleaved_min(fns, repeats)
+    best = interleaved_min(fns, repeats, number=BLOCK)
     fb = best["forward+backward"]
     rows = [[name, fmt_ms(t), f"{t / fb:.2f}"] for name, t in best.items()]
     P = sum(p.numel() for p in net.parameters())
@@ -304,7 +306,7 @@ def sweep(repeats: int, quick: bool) -> str:
         for s, lin in lins.items():
             fns[s] = lambda lin=lin, X=X, V=V: lin.ntk_mvm(X, X, V)
         fns["structured16"] = lambda lin=lins["structured"], X=X, V=V16: lin.ntk_mvm(X, X, V)
-        best = interleaved_min(fns, repeats)
+        best = interleaved_min(fns, repeats, number=BLOCK)
         fb = best["fb"]
         P = sum(p.numel() for p in net.parameters())
         rows.append(
@@ -488,7 +490,8 @@ def main(argv=None) -> None:
     if args.repeats:
         command += f" --repeats {args.repeats}"
     body = (
-        f"Command: `{command}` (float32, min of {repeats} interleaved rounds; "
+        f"Command: `{command}` (float32, min of {repeats} interleaved rounds of "
+        f"{BLOCK} back-to-back calls per contender; "
         f"{time.perf_counter() - t0:.0f} s). Machine: {header}.\n\n"
         f"{summary}\n\n{NOTES}\n" + "\n\n".join(parts)
     )

@@ -72,6 +72,7 @@ API_MODULES = [
     "infer",
     "datasets",
     "testing",
+    "distributed",
 ]
 TUTORIALS = [
     "sine_transfer",
@@ -79,6 +80,7 @@ TUTORIALS = [
     "tabular_transfer",
     "layer_relevance",
     "linearization_quality",
+    "distributed_regression",
 ]
 
 

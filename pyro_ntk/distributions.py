@@ -23,16 +23,26 @@ Two ways to evaluate the density share one cache per ``(θ*, X)`` (:class:`NTKSy
 from __future__ import annotations
 
 import math
+import re
+import time
+import warnings
 from collections.abc import Sequence
 
 import torch
 from linear_operator import settings as lo_settings
+from linear_operator.utils.warnings import NumericalWarning
 from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor, nn
 
 from pyro_ntk._checks import check_choice, check_finite, check_positive_int, check_tensor
 from pyro_ntk.linearization import Linearization
-from pyro_ntk.solvers import SolverDiagnostics, cholesky_with_jitter, conjugate_gradient
+from pyro_ntk.solvers import (
+    ESCALATION_ITERATION_FACTOR,
+    SolveAttempt,
+    SolverDiagnostics,
+    cholesky_with_jitter,
+    solve_with_escalation,
+)
 
 __all__ = [
     "CHOLESKY_MEMORY_FRACTION",
@@ -60,6 +70,10 @@ solve wins up to ``10⁴`` (``benchmarks/RESULTS.md``): raise ``max_cholesky_siz
 
 CHOLESKY_MEMORY_FRACTION = 0.5
 """Share of the available memory the dense path may take for its kernel and factor."""
+
+ESCALATION_RANK_FACTOR = 4
+"""An unconverged CG solve (:meth:`NTKSystem.solve`) escalates to a preconditioner of this
+many times the rank (see :meth:`NTKSystem.stronger_preconditioner`)."""
 
 
 def available_memory(device: torch.device | str | None = None) -> int | None:
@@ -293,7 +307,10 @@ class NTKSystem:
         self._diag_groups: Tensor | None = None  # (G, N·O)
         self._preconditioner = None
         self._preconditioner_built = False
+        self._stronger = None  # the CG escalation's preconditioner, built on first need
+        self._stronger_built = False
         self.last_solve: SolverDiagnostics | None = None
+        self.last_log_prob: SolverDiagnostics | None = None  # CG path: mBCG attempts
 
     # ------------------------------------------------------------------ dense pieces
     @property
@@ -357,14 +374,17 @@ class NTKSystem:
                 )
         return self._preconditioner
 
-    def operator(self, variance: Tensor, diag: Tensor):
-        r"""``AddedDiagLinearOperator(σ²K, d I)`` with the preconditioner attached (no batch)."""
+    def operator(self, variance: Tensor, diag: Tensor, preconditioner=None):
+        r"""``AddedDiagLinearOperator(σ²K, d I)`` with the preconditioner attached (no batch).
+
+        ``preconditioner``: one to attach instead of :meth:`preconditioner` (escalation).
+        """
         from linear_operator.operators import AddedDiagLinearOperator, DiagLinearOperator
 
         NTKLinearOperator = _load_ntk_operator()
         K = NTKLinearOperator(self.X, variance=variance, linearization=self.lin)
         D = DiagLinearOperator(diag.expand(self.size))
-        precond = self.preconditioner()
+        precond = self.preconditioner() if preconditioner is None else preconditioner
         override = None if precond is None else precond.override(variance, diag)
         return AddedDiagLinearOperator(K, D, preconditioner_override=override)
 
@@ -413,13 +433,126 @@ class NTKSystem:
         for idx in _ndindex(pshape):
             rhs = diff[(Ellipsis,) + idx + (slice(None),)]
             cols = rhs.reshape(-1, self.size).T  # (N·O, columns)
-            with self._settings():
-                inv_quad, logdet = self.operator(v[idx], d[idx]).inv_quad_logdet(
-                    inv_quad_rhs=cols, logdet=True, reduce_inv_quad=False
-                )
-            lp = -0.5 * (inv_quad + logdet + self.size * math.log(2 * math.pi))
+            lp = self._cg_log_prob(cols, v[idx], layer, d[idx])
             results.append(lp.reshape(batch[:k]))
         return torch.stack(results, dim=-1).reshape(batch)
+
+    def _cg_log_prob(self, cols: Tensor, variance: Tensor, layer: bool, diag: Tensor) -> Tensor:
+        r"""Log-density of each column of ``cols`` ``(N·O, c)`` by mBCG + SLQ, escalated.
+
+        linear_operator's ``inv_quad_logdet`` (one mBCG run for ``A⁻¹ r`` and the SLQ probes
+        of ``log|A|``, the preconditioner's exact ``log|M|`` added) warns
+        ``"CG terminated in k iterations with average residual norm ρ"`` when it stops above
+        the tolerance; both terms are then biased, often by orders of magnitude. That
+        warning is caught and the evaluation escalates like :meth:`solve`: 4× the
+        iterations (mBCG cannot be warm-started), then :meth:`stronger_preconditioner`, then
+        the exact dense log-density when the memory guard admits it (differentiable, like
+        the Cholesky path); otherwise the last estimate is returned with a warning.
+        :attr:`last_log_prob` records the attempts.
+        """
+        const = self.size * math.log(2 * math.pi)
+        attempts: list[SolveAttempt] = []
+        lp = None
+        F = ESCALATION_ITERATION_FACTOR
+        for step, factor in (
+            ("initial", 1),
+            ("more_iterations", F),
+            ("stronger_preconditioner", F),
+        ):
+            if step == "stronger_preconditioner":
+                pre = self.stronger_preconditioner()
+                if pre is None:
+                    continue
+            else:
+                pre = self.preconditioner()
+            cap = factor * self.max_cg_iterations
+            start = time.perf_counter()
+            with self._settings(), lo_settings.max_cg_iterations(cap):
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    inv_quad, logdet = self.operator(variance, diag, pre).inv_quad_logdet(
+                        inv_quad_rhs=cols, logdet=True, reduce_inv_quad=False
+                    )
+            figures = None
+            for w in caught:
+                found = _LO_CG_UNCONVERGED.search(str(w.message))
+                if found is not None and issubclass(w.category, NumericalWarning):
+                    figures = (int(found.group(1)), float(found.group(2)))
+                else:  # not ours to handle: pass it on
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            lp = -0.5 * (inv_quad + logdet + const)
+            attempts.append(
+                SolveAttempt(
+                    step, "mbcg", getattr(pre, "kind", None), getattr(pre, "rank", None), cap,
+                    figures[0] if figures else 0,
+                    figures[1] if figures else math.nan,
+                    figures is None,
+                    time.perf_counter() - start,
+                    "" if figures else "linear_operator reports figures only when unconverged",
+                )
+            )  # fmt: skip
+            if figures is None:
+                break
+            if step == "initial":
+                warnings.warn(
+                    f"{self.where}: the log-density's CG (linear_operator mBCG with SLQ for "
+                    f"log|A|) stopped unconverged after {figures[0]} iterations with mean "
+                    f"relative residual {figures[1]:.3e} > tol {self.cg_tolerance:.1e}; "
+                    "escalating: 4× the iterations, then a stronger preconditioner, then the "
+                    "exact dense log-density where the memory allows.",
+                    NumericalWarning,
+                    stacklevel=4,
+                )
+        if attempts[-1].converged:
+            outcome = f"reached tol with {attempts[-1].step}"
+        else:
+            n, G = self.size, self.num_groups if layer else 1
+            start = time.perf_counter()
+            try:
+                self.lin._check_dense_memory(
+                    self.where,
+                    f"the dense fallback of an unconverged log-density, {G + 2} × ({n}, {n})",
+                    (G + 2) * n * n,
+                )
+                _, L = self.dense_factor(variance, layer, diag)
+            except (ValueError, MemoryError) as exc:
+                attempts.append(
+                    SolveAttempt("cholesky", "cholesky", None, None, 0, 0, math.inf, False,
+                                 time.perf_counter() - start, f"failed: {exc}")
+                )  # fmt: skip
+                outcome = (
+                    "did NOT reach tol: returning the last mBCG estimate (biased; use a larger "
+                    "noise, a higher preconditioner rank, more iterations or float64)"
+                )
+            else:
+                z = torch.linalg.solve_triangular(L, cols, upper=False)  # L⁻¹ r
+                lp = -0.5 * (z.square().sum(0) + const) - torch.log(L.diagonal()).sum()
+                attempts.append(
+                    SolveAttempt("cholesky", "cholesky", None, None, 0, 0, 0.0, True,
+                                 time.perf_counter() - start)
+                )  # fmt: skip
+                outcome = "replaced by the exact dense log-density (Cholesky)"
+        last = attempts[-1]
+        self.last_log_prob = SolverDiagnostics(
+            method=last.method,
+            iterations=sum(a.iterations for a in attempts),
+            relative_residual=last.relative_residual,
+            converged=last.converged,
+            tol=self.cg_tolerance,
+            matvecs=0,
+            num_rhs=cols.shape[-1],
+            solve_seconds=sum(a.seconds for a in attempts),
+            attempts=attempts,
+        )
+        if len(attempts) > 1:
+            warnings.warn(
+                f"{self.where}: escalated log-density {outcome}. Attempts: "
+                + "; ".join(str(a) for a in attempts)
+                + ".",
+                NumericalWarning,
+                stacklevel=4,
+            )
+        return lp
 
     def dense_factor(self, variance: Tensor, layer: bool, diag: Tensor) -> tuple[Tensor, Tensor]:
         """Dense ``A = σ²K + diag·I`` and its Cholesky factor ``L`` (jitter retried)."""
@@ -444,8 +577,11 @@ class NTKSystem:
 
         Records :attr:`last_solve` (a :class:`~pyro_ntk.solvers.SolverDiagnostics`).
         Cholesky path: exact, its residual recomputed with one product. CG path:
-        preconditioned CG (:func:`pyro_ntk.solvers.conjugate_gradient`), all ``k`` columns
-        in one batched iteration, a ``NumericalWarning`` if it stops above the tolerance.
+        preconditioned CG, all ``k`` columns in one batched iteration; if it stops above
+        the tolerance it escalates (:func:`pyro_ntk.solvers.solve_with_escalation`, with a
+        ``NumericalWarning`` carrying the figures): 4× ``max_cg_iterations`` warm-started,
+        then :meth:`stronger_preconditioner`, then the dense Cholesky solve when the
+        memory guard admits ``N·O``; ``last_solve.attempts`` lists every step.
         """
         if self.method == "cholesky":
             A, L = self.dense_factor(variance, layer, diag)
@@ -453,18 +589,72 @@ class NTKSystem:
             self.record_cholesky(A, x, rhs)
             return x
         op = self.operator(variance, diag)
+        pre = self.preconditioner()
         with self._settings():
             precond_closure, _, _ = op._preconditioner()
-            x, self.last_solve = conjugate_gradient(
+            used = pre if precond_closure is not None else None
+
+            def stronger():
+                built = self.stronger_preconditioner()
+                if built is None:
+                    return None
+                return built.solve_closure(variance, diag), built.kind, built.rank
+
+            x, self.last_solve = solve_with_escalation(
                 op._matmul,
                 rhs,
                 preconditioner=precond_closure,
+                preconditioner_name=getattr(used, "kind", None),
+                preconditioner_rank=getattr(used, "rank", None),
+                stronger=stronger,
+                dense=lambda: self._dense_solve(rhs, variance, layer, diag),
                 tol=self.cg_tolerance,
                 max_iter=self.max_cg_iterations,
                 # a host check per iteration is free on CPU; amortise it on accelerators
                 check_every=1 if rhs.device.type == "cpu" else 10,
+                setup_seconds=getattr(used, "setup_seconds", 0.0),
+                where=self.where,
             )
         return x
+
+    def stronger_preconditioner(self):
+        """The CG escalation's stronger preconditioner, built once on first need.
+
+        The same kind at :data:`ESCALATION_RANK_FACTOR` × the rank (capped at ``N·O``), or
+        the Fisher preconditioner at ``preconditioner_rank`` when there was none; ``None``
+        when the current rank already equals ``N·O``.
+        """
+        if not self._stronger_built:
+            self._stronger_built = True
+            make = _load_make_preconditioner()
+            current = self.preconditioner()
+            kind, rank = getattr(current, "kind", None), getattr(current, "rank", 0)
+            if make is None:  # pragma: no cover - the module ships with the package
+                self._stronger = None
+            elif kind is None:
+                self._stronger = make("fisher", self.lin, self.X, rank=self.preconditioner_rank)
+            elif rank < self.size:
+                self._stronger = make(
+                    kind, self.lin, self.X, rank=ESCALATION_RANK_FACTOR * rank, seed=1
+                )
+        return self._stronger
+
+    def _dense_solve(self, rhs: Tensor, variance: Tensor, layer: bool, diag: Tensor) -> Tensor:
+        """The CG escalation's last step: ``A⁻¹ rhs`` by dense Cholesky, memory guard first."""
+        n, G = self.size, self.num_groups if layer else 1
+        self.lin._check_dense_memory(
+            self.where,
+            f"the dense fallback of an unconverged CG solve, {G + 2} × ({n}, {n})",
+            (G + 2) * n * n,
+        )
+        _, L = self.dense_factor(variance, layer, diag)
+        return torch.cholesky_solve(rhs, L)
+
+
+_LO_CG_UNCONVERGED = re.compile(
+    r"CG terminated in (\d+) iterations with average residual norm ([-+0-9.eE]+|nan|inf)"
+)
+"""linear_operator's non-convergence warning (``linear_operator/utils/linear_cg.py``)."""
 
 
 def _relative_residual(Ax: Tensor, b: Tensor) -> float:

@@ -281,8 +281,8 @@ class FisherLinearOperator(LinearOperator):
 
                 grads = vmap(column)(steps)  # {name: (k, *shape)}
                 out = out + space.flatten_batched(grads).T
-        # F v ≈ ‖v‖ · ∇KL(θ* + ε v/‖v‖) / ε ; zero columns stay zero
-        return out * (norms / eps)
+        # F v ≈ ‖v‖ · ∇KL(θ* + ε v/‖v‖) / ε ; zero columns stay zero (summed over shards)
+        return lin._reduce(out) * (norms / eps)
 
     def __repr__(self) -> str:
         return (

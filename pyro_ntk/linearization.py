@@ -64,6 +64,58 @@ _STRUCTURED_SHARE = 0.5
 """``auto`` picks ``structured`` when factored layers hold at least this share of P."""
 
 
+def _check_backward_hooks(where: str, network: nn.Module) -> None:
+    """Refuse backward hooks (module or global): ``torch.func`` transforms cannot run them.
+
+    ``register_full_backward_hook`` / ``register_full_backward_pre_hook`` wrap the module
+    call in an ``autograd.Function`` that ``vmap``/``jvp``/``vjp`` reject with an obscure
+    message; legacy ``register_backward_hook`` hooks would fire in the reverse-mode products
+    only (and could change them), so the NTK would depend on the engine. The NTK is defined
+    by the forward pass alone, so no backward hook belongs in it. The network is only read.
+    """
+    from torch.nn.modules import module as torch_module
+
+    if not (
+        torch_module._global_backward_hooks
+        or torch_module._global_backward_pre_hooks
+        or any(m._backward_hooks or m._backward_pre_hooks for m in network.modules())
+    ):
+        return  # the common case: one pass over the modules, no names built
+    found = []
+    if torch_module._global_backward_hooks:
+        found.append(
+            "a global module backward hook (torch.nn.modules.module."
+            "register_module_full_backward_hook or register_module_backward_hook)"
+        )
+    if torch_module._global_backward_pre_hooks:
+        found.append(
+            "a global module backward pre-hook "
+            "(torch.nn.modules.module.register_module_full_backward_pre_hook)"
+        )
+    for name, module in network.named_modules():
+        kind_name = type(module).__name__
+        label = f"module {name!r} ({kind_name})" if name else f"the network itself ({kind_name})"
+        if module._backward_hooks:
+            full = getattr(module, "_is_full_backward_hook", None)
+            kind = "register_full_backward_hook" if full else "register_backward_hook"
+            found.append(f"{label}: {len(module._backward_hooks)} {kind} hook(s)")
+        if module._backward_pre_hooks:
+            found.append(
+                f"{label}: {len(module._backward_pre_hooks)} register_full_backward_pre_hook "
+                "hook(s)"
+            )
+    if found:
+        raise ValueError(
+            f"{where}: network has backward hooks, which the Jacobian products cannot run "
+            f"through: {'; '.join(found)}. torch.func (vmap, jvp, vjp) rejects modules with "
+            "backward hooks, and the NTK depends on the forward pass only. Remove each hook "
+            "(call .remove() on the handle its register_* call returned) while the "
+            "Linearization is in use, or linearize a hook-free copy: clone = "
+            "copy.deepcopy(network), then for m in clone.modules(): "
+            "m._backward_hooks.clear(); m._backward_pre_hooks.clear(). Forward hooks are fine."
+        )
+
+
 class _ValidatedInputs:
     """Inputs that passed :meth:`Linearization._check_X`, until they change (internal).
 
@@ -120,6 +172,11 @@ class Linearization:
     Dropout is off) and restores each module's train/eval flag afterwards. Inputs are data:
     an ``X`` that requires grad is accepted and detached, so no gradient reaches it (on
     every implementation); gradients flow to ``V``/``v``/``u`` and to ``variance``.
+    Forward (pre-)hooks, the module's or global, are part of ``f`` and honoured; backward
+    hooks (``register_full_backward_hook``, ``register_full_backward_pre_hook``,
+    ``register_backward_hook``, or global ones) are refused at construction with a
+    ``ValueError`` naming the module and the hook kind: ``torch.func`` cannot run through
+    them and the NTK depends on the forward pass only (the hooks are left registered).
 
     Cost per chunk of ``n`` inputs (generic ``functorch`` engine): ``jvp`` ≈ 2–3 forward
     passes and ``vjp`` ≈ one forward + backward, for all ``k`` right-hand sides in one
@@ -154,6 +211,7 @@ class Linearization:
         implementation: str | NTKImplementation = "auto",
     ):
         self.space = ParameterSpace(network, params, where="Linearization")
+        _check_backward_hooks("Linearization", network)
         self.network = network
         self.chunk_size = check_positive_int(
             "Linearization", "chunk_size", chunk_size, allow_none=True
@@ -253,6 +311,7 @@ class Linearization:
         # passes without another finiteness pass; see _ValidatedInputs.
         if isinstance(X, Tensor) and X in self._validated:
             return X
+        _check_backward_hooks(where, self.network)  # also those registered after construction
         X = check_inputs(where, name, X, self.dtype, self.device)
         feature_shape = tuple(X.shape[1:])
         key = (feature_shape, str(X.dtype))  # integer inputs (token ids) vary in dtype
@@ -381,12 +440,20 @@ class Linearization:
         """Σ over row chunks of J(X_c)ᵀ U_c (call in eval mode)."""
         N = X.shape[0]
         if not self.chunk_size or self.chunk_size >= N:
-            return self.engine.vjp(X, U)
+            return self._reduce(self.engine.vjp(X, U))
         out = None
         for c in self._chunks(N):
             part = self.engine.vjp(X[c], U[c])
             out = part if out is None else out + part
-        return out
+        return self._reduce(out)
+
+    def _reduce(self, partial: Tensor) -> Tensor:
+        """Sum a parameter-space partial sum over data shards (the seam for data sharding).
+
+        Identity here; :class:`pyro_ntk.distributed.ShardedLinearization` all-reduces it
+        across ranks, so every Jᵀu (and with it K·V, F·v) is the sum over all shards.
+        """
+        return partial
 
     def ntk_mvm(
         self, X1: Tensor, X2: Tensor | None, V: Tensor, variance: Tensor | float | None = None

@@ -77,6 +77,39 @@ def _frozen() -> nn.Module:
     return net
 
 
+def _full_backward_hook() -> nn.Module:
+    net = _net()
+    net[2].register_full_backward_hook(lambda m, gi, go: None)
+    return net
+
+
+def _backward_pre_hook() -> nn.Module:
+    net = _net()
+    net[0].register_full_backward_pre_hook(lambda m, go: None)
+    return net
+
+
+def _legacy_backward_hook() -> nn.Module:
+    net = _net()
+    net.register_backward_hook(lambda m, gi, go: None)  # the deprecated, non-full kind
+    return net
+
+
+def _global_backward_hook():
+    handle = torch.nn.modules.module.register_module_full_backward_hook(lambda m, gi, go: None)
+    try:
+        return pyro_ntk.Linearization(_net())
+    finally:
+        handle.remove()
+
+
+def _hook_added_after_construction():
+    net = _net()
+    lin = pyro_ntk.Linearization(net)
+    net[0].register_full_backward_hook(lambda m, gi, go: None)
+    return lin.ntk_mvm(_X(), None, torch.randn(8))
+
+
 def _reg(**kw):
     args = {"X": _X(), "y": torch.randn(8), "network": _net()}
     args.update(kw)
@@ -519,6 +552,56 @@ TABLE = [
         ValueError,
         "Linearization",
         "devices",
+    ),
+    # backward hooks: torch.func cannot run through them (the message names module and kind)
+    (
+        "lin_full_backward_hook",
+        lambda: pyro_ntk.Linearization(_full_backward_hook()),
+        ValueError,
+        "Linearization",
+        "module '2' (Linear): 1 register_full_backward_hook",
+    ),
+    (
+        "lin_backward_pre_hook",
+        lambda: pyro_ntk.Linearization(_backward_pre_hook()),
+        ValueError,
+        "Linearization",
+        "module '0' (Linear): 1 register_full_backward_pre_hook",
+    ),
+    (
+        "lin_legacy_backward_hook",
+        lambda: pyro_ntk.Linearization(_legacy_backward_hook()),
+        ValueError,
+        "Linearization",
+        "the network itself (Sequential): 1 register_backward_hook",
+    ),
+    (
+        "lin_global_backward_hook",
+        _global_backward_hook,
+        ValueError,
+        "Linearization",
+        "global module backward hook",
+    ),
+    (
+        "lin_backward_hook_added_later",
+        _hook_added_after_construction,
+        ValueError,
+        "Linearization.ntk_mvm",
+        "module '0' (Linear): 1 register_full_backward_hook",
+    ),
+    (
+        "reg_full_backward_hook",
+        lambda: _reg(network=_full_backward_hook()),
+        ValueError,
+        "Linearization",
+        "network has backward hooks",
+    ),
+    (
+        "kernel_full_backward_hook",
+        lambda: pyro_ntk.EmpiricalNTK(_backward_pre_hook()),
+        ValueError,
+        "Linearization",
+        "network has backward hooks",
     ),
 ]
 

@@ -13,6 +13,8 @@ without a walker here (or a documented exclusion).
 
 from __future__ import annotations
 
+import copy
+
 import gpytorch
 import pyro
 import pyro.contrib.gp as gp
@@ -25,6 +27,7 @@ from torch import nn
 
 import pyro_ntk
 from pyro_ntk.solvers import conjugate_gradient
+from pyro_ntk.testing import reference_ntk
 
 # Public names that are not entry points taking a network (documented exclusions).
 EXCLUDED = {
@@ -305,3 +308,83 @@ def test_snapshot_detects_harm():
         harm(net)
         with pytest.raises(AssertionError):
             assert_unchanged(net, before)
+
+
+# ---------------------------------------------------------------------- backward hooks
+def test_backward_hooks_are_refused_and_left_registered():
+    net, calls = make_network()
+    seen = []
+    handle = net[4].register_full_backward_hook(lambda m, gi, go: seen.append("bwd"))
+    net[0].register_full_backward_pre_hook(lambda m, go: seen.append("bwd-pre"))
+    before = snapshot(net)
+    with pytest.raises(ValueError) as info:
+        pyro_ntk.NTKGPRegression(_data(), torch.randn(8), net)
+    msg = str(info.value)
+    assert msg.startswith("Linearization: network has backward hooks")
+    assert "module '4' (Linear): 1 register_full_backward_hook" in msg
+    assert "module '0' (Linear): 1 register_full_backward_pre_hook" in msg
+    assert "remove" in msg and "copy.deepcopy(network)" in msg
+    assert_unchanged(net, before)  # the very same hook objects, still registered
+    assert net[4]._backward_hooks and net[0]._backward_pre_hooks
+    # ... and they still fire on the user's own backward pass
+    net.eval()
+    net(_data(2).requires_grad_()).sum().backward()
+    assert sorted(seen) == ["bwd", "bwd-pre"]
+    handle.remove()
+
+
+def test_hook_free_copy_from_the_message_linearizes_like_the_network():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    net[2].register_full_backward_hook(lambda m, gi, go: None)
+    X = _data()
+    clone = copy.deepcopy(net)
+    for m in clone.modules():
+        m._backward_hooks.clear()
+        m._backward_pre_hooks.clear()
+    assert net[2]._backward_hooks  # the user's network keeps its hook
+    for impl in ("functorch", "cached", "structured"):
+        K = pyro_ntk.Linearization(clone, implementation=impl).ntk_dense(X)
+        torch.testing.assert_close(K, reference_ntk(net, X))
+
+
+class _Doubler:
+    """A forward hook that changes a layer's output (kept working: the NTK follows it)."""
+
+    def __call__(self, module, args, out):
+        return 2.0 * out
+
+
+def test_forward_hooks_that_change_outputs_keep_working():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    net[0].register_forward_hook(_Doubler())
+    net[2].register_forward_pre_hook(lambda m, args: (args[0] + 1.0,))
+    before = snapshot(net)
+    X = _data()
+    want = reference_ntk(net, X)  # autograd through the hooked network
+    for impl in ("functorch", "cached", "structured"):
+        lin = pyro_ntk.Linearization(net, implementation=impl)
+        torch.testing.assert_close(lin.ntk_dense(X), want)
+        torch.testing.assert_close(lin(X), net(X).detach())
+    assert_unchanged(net, before)
+
+
+def test_global_forward_hooks_that_change_outputs_keep_working():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    X = _data()
+
+    def scale_linear(module, args, out):
+        return 1.5 * out if isinstance(module, nn.Linear) else None
+
+    handle = torch.nn.modules.module.register_module_forward_hook(scale_linear)
+    try:
+        want = reference_ntk(net, X)
+        for impl in ("functorch", "cached", "structured"):
+            lin = pyro_ntk.Linearization(net, implementation=impl)
+            torch.testing.assert_close(lin.ntk_dense(X), want)
+            torch.testing.assert_close(lin.ntk_mvm(X, None, torch.ones(16)), want.sum(1))
+    finally:
+        handle.remove()
+    assert not torch.nn.modules.module._global_forward_hooks

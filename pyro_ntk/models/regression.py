@@ -66,7 +66,11 @@ class NTKGPRegression(GPModel):
       solved together as one batched right-hand side. The variance estimate is unbiased
       with relative standard deviation :math:`\sqrt{2/S}` (6 % at ``S = 512``) plus the CG
       error; draws use a private generator seeded by ``posterior_seed`` (deterministic).
-    * :attr:`last_solve` holds the iterations and relative residual of the latest solve.
+    * :attr:`last_solve` holds the iterations and relative residual of the latest solve. A
+      CG solve that stops above ``cg_tolerance`` warns and escalates (4× the iterations, a
+      4×-rank preconditioner, then dense Cholesky when it fits in memory;
+      :meth:`pyro_ntk.distributions.NTKSystem.solve`); ``last_solve.attempts`` lists the
+      steps. The CG-path marginal likelihood escalates the same way (``docs/numerics.rst``).
     * The network is never trained: it is not a submodule, only θ* copies are used.
 
     Args:
