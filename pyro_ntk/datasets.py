@@ -8,6 +8,10 @@ The sine family of few-shot regression (Finn et al. 2017; Maddox et al. 2021):
     \varphi \sim U[0, \pi],\; x \sim U[-5, 5],\; \varepsilon \sim \mathcal N(0, (\rho A)^2),
 
 with relative noise level ``ρ`` (default 0.01, as in the reference experiments).
+
+And a few-shot classification transfer on scikit-learn's bundled 8×8 digits
+(:func:`digits_transfer`): source = digits 0–4, target = digits 5–9 from ``k`` labelled
+images per class.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from torch import Tensor
 
 from pyro_ntk._checks import check_positive_int
 
-__all__ = ["SineTask", "sample_sine_tasks"]
+__all__ = ["DigitsTransfer", "SineTask", "digits_transfer", "sample_sine_tasks"]
 
 AMPLITUDE_RANGE = (0.1, 5.0)
 PHASE_RANGE = (0.0, math.pi)
@@ -104,3 +108,85 @@ def sample_sine_tasks(num_tasks: int, seed: int, noise: float = 0.01) -> list[Si
     A = _uniform(gen, *AMPLITUDE_RANGE, num_tasks)
     phi = _uniform(gen, *PHASE_RANGE, num_tasks)
     return [SineTask(float(a), float(p), noise) for a, p in zip(A, phi)]
+
+
+@dataclass(frozen=True)
+class DigitsTransfer:
+    """The digits transfer problem: a source task and a k-shot target task (see :func:`digits_transfer`).
+
+    Images are ``(n, 1, 8, 8)`` with pixel values in ``[0, 1]``; labels are ``int64``. The
+    target's labels are the digits 5–9 renumbered ``0 .. 4``.
+
+    Attributes:
+        X_source: the images of digits 0–4 ``(n_s, 1, 8, 8)``.
+        y_source: their labels ``(n_s,)`` in ``0 .. 4``.
+        X_target: ``k`` images of each digit 5–9, ``(5 k, 1, 8, 8)``, class by class.
+        y_target: their labels ``(5 k,)`` (digit − 5).
+        X_test: every other image of digits 5–9.
+        y_test: their labels (digit − 5).
+    """
+
+    X_source: Tensor
+    y_source: Tensor
+    X_target: Tensor
+    y_target: Tensor
+    X_test: Tensor
+    y_test: Tensor
+
+
+def digits_transfer(k: int, seed: int = 0, dtype: torch.dtype | None = None) -> DigitsTransfer:
+    r"""Split scikit-learn's digits (1 797 images, 8×8) into a source and a k-shot target task.
+
+    Source: all images of the digits 0–4 (901). Target: the digits 5–9 (896 images),
+    relabelled 0–4; for each class ``c`` the ``k`` adaptation images are the first ``k`` of a
+    random permutation of that class's images (one ``torch.Generator`` seeded with ``seed``,
+    drawn class by class from ``c = 0`` to ``4``), and every other target image is a test
+    image. Pixels are divided by 16 (the data's maximum), so they lie in :math:`[0, 1]`.
+    The data ship inside scikit-learn: nothing is downloaded.
+
+    Args:
+        k: labelled images per target class, ``1 <= k`` and fewer than the smallest class
+            (174 images).
+        seed: seed of the k-shot draw.
+        dtype: floating dtype of the images (default: torch's default).
+
+    Returns:
+        A :class:`DigitsTransfer`.
+
+    Raises:
+        ValueError: ``k`` out of range.
+        RuntimeError: scikit-learn is not installed.
+
+    Example:
+        >>> data = digits_transfer(k=2, seed=0)
+        >>> data.X_target.shape, data.y_target.tolist()
+        (torch.Size([10, 1, 8, 8]), [0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+        >>> data.X_source.shape[0] + data.X_target.shape[0] + data.X_test.shape[0]
+        1797
+    """
+    where = "digits_transfer"
+    check_positive_int(where, "k", k)
+    gen = _generator(seed)
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:  # pragma: no cover - scikit-learn ships with the extras
+        raise RuntimeError(f"{where}: needs scikit-learn (pip install scikit-learn).") from err
+    images, labels = load_digits(return_X_y=True)  # bundled with scikit-learn
+    X = torch.as_tensor(images, dtype=dtype or torch.get_default_dtype()).reshape(-1, 1, 8, 8)
+    X = X / 16.0
+    y = torch.as_tensor(labels, dtype=torch.int64)
+    source = y < 5
+    Xt, yt = X[~source], y[~source] - 5
+    smallest = int(torch.bincount(yt).min())
+    if k >= smallest:
+        raise ValueError(
+            f"{where}: k must be below {smallest} (the smallest target class), got {k}."
+        )
+    chosen = []
+    for c in range(5):
+        idx = (yt == c).nonzero().squeeze(-1)
+        chosen.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
+    train = torch.cat(chosen)
+    test = torch.ones(len(yt), dtype=torch.bool)
+    test[train] = False
+    return DigitsTransfer(X[source], y[source], Xt[train], yt[train], Xt[test], yt[test])

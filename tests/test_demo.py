@@ -134,7 +134,11 @@ def test_every_cli_option_is_documented():
     assert {a.dest for a in options} >= {"task", "num_target", "seed", "device", "out_dir"}
     for action in options:
         assert action.help and len(action.help) > 10, action.option_strings
-    assert set(next(a for a in options if a.dest == "task").choices) == {"sine", "diabetes"}
+    assert set(next(a for a in options if a.dest == "task").choices) == {
+        "sine",
+        "diabetes",
+        "digits",
+    }
 
 
 def test_cli_runs_and_rejects_bad_input(tmp_path, capsys):

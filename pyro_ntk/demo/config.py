@@ -1,0 +1,136 @@
+"""The demo's configuration and its records: options, one transfer problem, one scored method."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+TASKS = ("sine", "diabetes", "digits")
+SOURCE_STEPS = {"sine": 3000, "diabetes": 3000, "digits": 1000}  # default Adam steps per task
+Z95 = 1.959963984540054
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and steps of the demo (defaults: under 2 minutes on a 2-core CPU).
+
+    Args:
+        task: ``"sine"``, ``"diabetes"`` or ``"digits"``.
+        num_target: labelled target points used for adaptation; for ``digits``, labelled
+            images *per new class* (k-shot: ``5 k`` images in all).
+        seed: seed of the tasks, the data split and every initialization.
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ...
+        out_dir: where the PNG is written.
+        cache_dir: where trained source networks are cached; ``None`` uses
+            ``$XDG_CACHE_HOME/pyro_ntk`` (or ``~/.cache/pyro_ntk``); ``""`` disables the cache.
+        num_source: source training points (sine; the other tasks use all their source rows).
+        num_test: target test points (sine; the other tasks use all remaining target rows).
+        source_steps: Adam steps training the source network; ``None``: the task's default,
+            :data:`SOURCE_STEPS` (digits: minibatches of 64 images).
+        finetune_steps: Adam steps of fine-tuning and of last-layer retraining (digits: of
+            fine-tuning; its new last layer is fitted by L-BFGS).
+        svi_steps: SVI steps fitting each GP's hyperparameters (digits: also the Adam steps
+            on the Laplace evidence, in three rounds).
+        layer_variances: one NTK variance per layer instead of one in all (regression tasks;
+            the digits task always fits one prior variance per layer).
+        progress: show tqdm progress bars.
+        plot: write the PNG (needs matplotlib).
+    """
+
+    task: str = "sine"
+    num_target: int = 10
+    seed: int = 0
+    device: str = "auto"
+    out_dir: str = "outputs"
+    cache_dir: str | None = None
+    num_source: int = 400
+    num_test: int = 500
+    source_steps: int | None = None
+    finetune_steps: int = 500
+    svi_steps: int = 300
+    layer_variances: bool = False
+    progress: bool = True
+    plot: bool = True
+
+    def resolved_source_steps(self) -> int:
+        """``source_steps``, or the task's default when it is ``None``."""
+        if self.source_steps is not None:
+            return self.source_steps
+        return SOURCE_STEPS.get(self.task, 3000)
+
+
+@dataclass
+class Data:
+    """One transfer problem: source training data, target adaptation and test data.
+
+    For classification (``num_classes`` set) the ``y_*`` are integer class labels and the
+    target's classes are numbered ``0 .. num_classes - 1``.
+    """
+
+    name: str
+    X_source: Tensor
+    y_source: Tensor
+    X_target: Tensor
+    y_target: Tensor
+    X_test: Tensor
+    y_test: Tensor
+    description: str
+    truth: Callable[[Tensor], Tensor] | None = None  # noise-free target function (1-D tasks)
+    num_classes: int | None = None  # classification tasks: classes of source and of target
+
+
+@dataclass
+class Result:
+    """Scores of one regression method on the target task's test points."""
+
+    method: str
+    rmse: float
+    nll: float
+    coverage: float
+    seconds: float
+    mean: Tensor
+    var: Tensor
+    info: str = ""
+
+
+@dataclass
+class ClassificationResult:
+    """Scores of one classification method on the target task's test points."""
+
+    method: str
+    accuracy: float
+    nll: float
+    ece: float
+    seconds: float
+    probs: Tensor  # (n_test, C) predictive class probabilities
+    info: str = ""
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device named by ``--device`` (``"auto"``: CUDA if available).
+
+    Args:
+        name: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+
+    Returns:
+        The device.
+
+    Raises:
+        ValueError: not a device name, or CUDA requested where there is none.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"demo: --device {name!r} is not a torch device ({err}).") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"demo: --device {name!r} requested, but CUDA is not available here.")
+    return device
