@@ -65,6 +65,7 @@ API_MODULES = [
     "kernels",
     "means",
     "distributions",
+    "ntk_system",
     "models",
     "fisher",
     "preconditioners",

@@ -77,6 +77,9 @@ from sklearn.datasets import load_digits  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pyro_ntk import Linearization, LinearizedLaplace, LinearizedModel  # noqa: E402
+from pyro_ntk.datasets import k_shot_split  # noqa: E402
+from pyro_ntk.demo import tasks  # noqa: E402
+from pyro_ntk.demo.classification import head_prior_mean  # noqa: E402
 
 DTYPE = torch.float64
 METHODS = ("last layer", "fine-tuning", "lin. Laplace", "lin. Laplace MAP", "lin. SVI")
@@ -91,16 +94,8 @@ def load_data():
 
 
 def make_network(num_classes: int = 5) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(16 * 4 * 4, 32),
-        nn.ReLU(),
-        nn.Linear(32, num_classes),
-    ).to(DTYPE)
+    """The demo's digits CNN (two convolutions, a 32-unit dense layer, the head) in float64."""
+    return tasks.make_network("digits", 64, num_classes).to(DTYPE)
 
 
 def train_source(X, y, epochs: int, seed: int = 0) -> nn.Module:
@@ -114,18 +109,6 @@ def train_source(X, y, epochs: int, seed: int = 0) -> nn.Module:
             nn.functional.cross_entropy(net(X[idx]), y[idx]).backward()
             opt.step()
     return net.eval()
-
-
-def k_shot_split(y, k: int, seed: int):
-    gen = torch.Generator().manual_seed(seed)
-    train = []
-    for c in range(5):
-        idx = (y == c).nonzero().squeeze(-1)
-        train.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
-    train = torch.cat(train)
-    test = torch.ones(len(y), dtype=torch.bool)
-    test[train] = False
-    return train, test.nonzero().squeeze(-1)
 
 
 def fit_head(source: nn.Module, X, y, weight_decay: float = 0.1) -> nn.Module:
@@ -163,13 +146,6 @@ def fine_tune(net: nn.Module, X, y, steps: int) -> nn.Module:
 def predict_network(net, X):
     with torch.no_grad():
         return torch.softmax(net(X), -1)
-
-
-def head_prior_mean(lin: Linearization) -> torch.Tensor:
-    """δ's prior mean m = θ₀ − θ*: θ₀ = θ* in the body, 0 in the new head (the last group)."""
-    theta = torch.cat([lin.theta[n].reshape(-1) for n in lin.space.names])
-    head = lin.space.group_index() == len(lin.groups) - 1
-    return torch.where(head, -theta, torch.zeros_like(theta))
 
 
 def fit_laplace(net, X, y, steps: int = 50):
@@ -262,7 +238,7 @@ def main(
     for k in ks:
         results[k] = {m: [] for m in METHODS}
         for seed in range(seeds):
-            tr, te = k_shot_split(yt, k, seed)
+            tr, te = k_shot_split(yt, k, seed, num_classes=5)
             Xa, ya, Xs, ys = Xt[tr], yt[tr], Xt[te], yt[te]
             t = time.perf_counter()
             base = fit_head(source, Xa, ya)

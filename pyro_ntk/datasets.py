@@ -24,7 +24,7 @@ from torch import Tensor
 
 from pyro_ntk._checks import check_positive_int
 
-__all__ = ["DigitsTransfer", "SineTask", "digits_transfer", "sample_sine_tasks"]
+__all__ = ["DigitsTransfer", "SineTask", "digits_transfer", "k_shot_split", "sample_sine_tasks"]
 
 AMPLITUDE_RANGE = (0.1, 5.0)
 PHASE_RANGE = (0.0, math.pi)
@@ -110,6 +110,48 @@ def sample_sine_tasks(num_tasks: int, seed: int, noise: float = 0.01) -> list[Si
     return [SineTask(float(a), float(p), noise) for a, p in zip(A, phi)]
 
 
+def k_shot_split(
+    labels: Tensor, k: int, seed: int = 0, num_classes: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Indices of ``k`` labelled examples per class and of all the others.
+
+    For each class ``c = 0, 1, …, C − 1`` in turn, the first ``k`` of a random permutation
+    of that class's indices (one ``torch.Generator`` seeded with ``seed`` for all classes,
+    so a class with fewer than ``k`` examples gives all of them); every other index is a
+    test index. Cost: ``O(C · n)``.
+
+    Args:
+        labels: integer class labels ``(n,)``.
+        k: examples per class, ``>= 1``.
+        seed: seed of the draw.
+        num_classes: ``C`` (default: ``labels.max() + 1``).
+
+    Returns:
+        ``(train, test)``: ``train`` ``(C k,)`` class by class, ``test`` the remaining
+        indices in increasing order.
+
+    Example:
+        >>> train, test = k_shot_split(torch.tensor([0, 1, 0, 1, 0, 1]), k=1, seed=0)
+        >>> train.shape, test.shape
+        (torch.Size([2]), torch.Size([4]))
+    """
+    where = "k_shot_split"
+    check_positive_int(where, "k", k)
+    gen = _generator(seed)
+    if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.is_floating_point():
+        raise TypeError(f"{where}: labels must be a 1-D integer tensor, got {labels!r:.80}.")
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1 if labels.numel() else 0
+    chosen = []
+    for c in range(num_classes):
+        idx = (labels == c).nonzero().squeeze(-1)
+        chosen.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
+    train = torch.cat(chosen) if chosen else labels.new_zeros(0)
+    test = torch.ones(len(labels), dtype=torch.bool, device=labels.device)
+    test[train] = False
+    return train, test.nonzero().squeeze(-1)
+
+
 @dataclass(frozen=True)
 class DigitsTransfer:
     """The digits transfer problem: a source task and a k-shot target task (see :func:`digits_transfer`).
@@ -166,7 +208,7 @@ def digits_transfer(k: int, seed: int = 0, dtype: torch.dtype | None = None) -> 
     """
     where = "digits_transfer"
     check_positive_int(where, "k", k)
-    gen = _generator(seed)
+    _generator(seed)  # checks the seed before the data are loaded
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - scikit-learn ships with the extras
@@ -182,11 +224,5 @@ def digits_transfer(k: int, seed: int = 0, dtype: torch.dtype | None = None) -> 
         raise ValueError(
             f"{where}: k must be below {smallest} (the smallest target class), got {k}."
         )
-    chosen = []
-    for c in range(5):
-        idx = (yt == c).nonzero().squeeze(-1)
-        chosen.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
-    train = torch.cat(chosen)
-    test = torch.ones(len(yt), dtype=torch.bool)
-    test[train] = False
+    train, test = k_shot_split(yt, k, seed, num_classes=5)
     return DigitsTransfer(X[source], y[source], Xt[train], yt[train], Xt[test], yt[test])

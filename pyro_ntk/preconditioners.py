@@ -498,6 +498,15 @@ class FisherPreconditioner(Preconditioner):
         diagonal_correction: add the residual diagonal.
         variance: reference σ² (scalar or ``(G,)``; ``None``: ones).
         rebuild_factor: see the module docstring.
+        subsample: run the sketch and the power iterations on a seeded random subset of the
+            inputs (an ``int`` count or a fraction in ``(0, 1]``; ``None``: all), keep that
+            subset Fisher's top ``k`` directions, and map only those ``k`` columns through
+            all ``N`` inputs. Cost ``(k + p)(q + 1)·n_s/n + k/2`` K·v-equivalents instead
+            of ``(k + p)(q + 1)``. Measured (``benchmarks/bench_precond_variants.py``, N =
+            5000, fraction 1/8): 87.5 set-up K·v against Nyström's 100 and 26 / 76 CG
+            iterations against its 28 / 81 (s² = 1e-2 / 1e-3 × mean diag K), so the
+            cheapest total for a single solve; the full-data default takes fewer
+            iterations (19 / 59) and pays off when the preconditioner is reused.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
@@ -524,8 +533,18 @@ class FisherPreconditioner(Preconditioner):
         diagonal_correction: bool = False,
         variance: Tensor | float | None = None,
         rebuild_factor: float = 2.0,
+        subsample: int | float | None = None,
     ):
         where = "FisherPreconditioner"
+        if subsample is not None and not (
+            (isinstance(subsample, int) and not isinstance(subsample, bool) and subsample >= 1)
+            or (isinstance(subsample, float) and 0.0 < subsample <= 1.0)
+        ):
+            raise ValueError(
+                f"{where}: subsample must be None, a number of inputs >= 1 or a fraction in "
+                f"(0, 1], got {subsample!r}."
+            )
+        self.subsample = subsample
         if oversampling is None:
             oversampling = rank // 2 if isinstance(rank, int) else 0
         check_nonnegative_int(where, "oversampling", oversampling)
@@ -545,39 +564,61 @@ class FisherPreconditioner(Preconditioner):
             rebuild_factor=rebuild_factor,
         )
 
+    def _sketch_rows(self, N: int) -> Tensor | None:
+        """The rows the range finder runs on: all (``None``) or a seeded random subset."""
+        if self.subsample is None:
+            return None
+        size = self.subsample if isinstance(self.subsample, int) else self.subsample * N
+        size = max(1, min(N, math.ceil(size)))
+        if size == N:
+            return None
+        gen = torch.Generator(device="cpu").manual_seed(self.seed + 7919)
+        rows = torch.randperm(N, generator=gen)[:size].sort().values
+        return rows.to(self.linearization.device)
+
     def _build(self, ref: Tensor) -> tuple[Tensor, Tensor, Tensor | None, float]:
         lin, X = self.linearization, self.X
         P, n = lin.num_params, self.size
-        m = min(self.rank + self.oversampling, P, n)
-        s = self._sqrt_scale(ref)
         N, O = X.shape[0], n // X.shape[0]
+        rows = self._sketch_rows(N)
+        Xs = X if rows is None else X[rows]
+        ns = Xs.shape[0] * O
+        frac = ns / n  # a product over the subset costs this share of a full one
+        m = min(self.rank + self.oversampling, P, ns)
+        s = self._sqrt_scale(ref)
 
-        def J(V: Tensor) -> Tensor:  # (P, m) → (n, m)
-            return lin.jvp(X, V if s is None else s.unsqueeze(-1) * V).reshape(n, -1)
+        def J(V: Tensor, X: Tensor = X) -> Tensor:  # (P, m) → (rows·O, m)
+            return lin.jvp(X, V if s is None else s.unsqueeze(-1) * V).reshape(-1, V.shape[1])
 
-        def JT(U: Tensor) -> Tensor:  # (n, m) → (P, m)
-            out = lin.vjp(X, U.reshape(N, O, -1))
+        def JT(U: Tensor, X: Tensor = X) -> Tensor:  # (rows·O, m) → (P, m)
+            out = lin.vjp(X, U.reshape(X.shape[0], O, -1))
             return out if s is None else s.unsqueeze(-1) * out
 
         gen = torch.Generator(device=lin.device).manual_seed(self.seed)
         products = 0.0
         if self.sketch == "parameter":
             Omega = torch.randn(P, m, generator=gen, dtype=lin.dtype, device=lin.device)
-            Y = JT(J(Omega))  # F_S Ω
-            products += m
+            Y = JT(J(Omega, Xs), Xs)  # F_S Ω (on the subset's rows)
+            products += m * frac
         else:
-            G = torch.randn(n, m, generator=gen, dtype=lin.dtype, device=lin.device)
-            Y = JT(G)  # S^{1/2} Jᵀ G
-            products += 0.5 * m
+            G = torch.randn(ns, m, generator=gen, dtype=lin.dtype, device=lin.device)
+            Y = JT(G, Xs)  # S^{1/2} Jᵀ G
+            products += 0.5 * m * frac
         for _ in range(self.power_iterations):
             Q = torch.linalg.qr(Y).Q
-            Y = JT(J(Q))
-            products += m
+            Y = JT(J(Q, Xs), Xs)
+            products += m * frac
         Q = torch.linalg.qr(Y).Q
-        L = J(Q)  # (n, m): L Lᵀ = J S^{1/2} Q Qᵀ S^{1/2} Jᵀ ≼ K
-        products += 0.5 * m
-        U, S, _ = torch.linalg.svd(L, full_matrices=False)
         k = min(self.rank, m)
+        if rows is not None:
+            # the subset's top-k directions within span Q (its Fisher's leading eigenvectors),
+            # so that only k columns are pushed through all N rows
+            _, _, Vh = torch.linalg.svd(J(Q, Xs), full_matrices=False)
+            products += 0.5 * m * frac
+            Q = Q @ Vh[:k].mT
+        L = J(Q)  # (n, m): L Lᵀ = J S^{1/2} Q Qᵀ S^{1/2} Jᵀ ≼ K
+        products += 0.5 * Q.shape[1]
+        U, S, _ = torch.linalg.svd(L, full_matrices=False)
         U, d = U[:, :k], S[:k].square()
         residual = None
         if self.diagonal_correction:

@@ -45,3 +45,25 @@ def test_bad_input():
         sample_sine_tasks(0, seed=0)
     with pytest.raises(TypeError, match="seed must be an int"):
         sample_sine_tasks(2, seed=1.5)
+
+
+def test_k_shot_split_partitions_the_indices():
+    from pyro_ntk.datasets import k_shot_split
+
+    labels = torch.randint(0, 4, (60,), generator=torch.Generator().manual_seed(3))
+    labels[:4] = torch.arange(4)  # every class present
+    train, test = k_shot_split(labels, 2, seed=5)
+    # k per class, class by class; train and test partition 0..n-1; test in increasing order
+    assert labels[train].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert sorted(train.tolist() + test.tolist()) == list(range(60))
+    assert test.tolist() == sorted(test.tolist())
+    # deterministic in the seed, different across seeds; a short class gives all it has
+    assert torch.equal(k_shot_split(labels, 2, seed=5)[0], train)
+    assert not torch.equal(k_shot_split(labels, 2, seed=6)[0], train)
+    few = torch.tensor([0, 0, 0, 1])
+    assert sorted(few[k_shot_split(few, 2, seed=0)[0]].tolist()) == [0, 0, 1]
+    assert k_shot_split(labels, 1, seed=0, num_classes=6)[0].numel() == 4
+    with pytest.raises(ValueError, match="k_shot_split: k"):
+        k_shot_split(labels, 0)
+    with pytest.raises(TypeError, match="k_shot_split: labels"):
+        k_shot_split(labels.double(), 1)

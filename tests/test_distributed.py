@@ -290,6 +290,10 @@ def test_bad_input_names_the_entry_point():
         ShardedFisherPreconditioner(Linearization(net), X)
     with pytest.raises(ValueError, match="shard_rows: rank must be < world_size"):
         shard_rows(10, 2, 2)
+    from pyro_ntk.distributed import ShardedLinearization
+
+    with pytest.raises(ValueError, match="ShardedFisherPreconditioner: subsample is not"):
+        ShardedFisherPreconditioner(ShardedLinearization(net), X, subsample=0.5)
 
 
 def test_example_runs_single_process(tmp_path):

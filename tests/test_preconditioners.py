@@ -114,6 +114,42 @@ def test_low_rank_fisher_captures_the_top_of_the_spectrum():
     torch.testing.assert_close(pre.logdet(3.0, 0.01), torch.logdet(M))
 
 
+def test_subsampled_range_finder_is_exact_where_it_can_be_and_costs_less():
+    net, X = _small(n=30, out=2)  # n = 60 > P = 50: full rank needs only 25 inputs' Fisher
+    lin = _lin(net)
+    K = reference_ntk(net, X)
+    full = FisherPreconditioner(lin, X, rank=50, oversampling=0).build()
+    sub = FisherPreconditioner(lin, X, rank=50, oversampling=0, subsample=25).build()
+    # F over 25 inputs (50 rows) has the full parameter space as its range here, so the
+    # subsampled range finder recovers K = J Jᵀ exactly
+    torch.testing.assert_close(sub.to_dense(0.7, 0.05), 0.7 * K + 0.05 * torch.eye(60))
+    torch.testing.assert_close(sub.logdet(0.7, 0.05), torch.logdet(sub.to_dense(0.7, 0.05)))
+    # (k + p)(q + ½)·n_s/n for the sketch and power iteration, ½(k + p)·n_s/n for the
+    # subset's SVD, ½ k for the full map
+    assert sub.products == pytest.approx(50 * 1.5 * 25 / 30 + 25 * 25 / 30 + 25)
+    assert sub.products > full.products  # a subset of 25 of 30 inputs does not pay
+    # a low rank on a fraction: still an exact eigen-form of a PSD minorant of K
+    pre = FisherPreconditioner(lin, X, rank=6, subsample=0.4, seed=3).build()
+    eig, _ = pre.eigenform()
+    assert eig.rank == 6
+    LLt = (eig.U * eig.d) @ eig.U.T
+    assert float(torch.linalg.eigvalsh(K - LLt).min()) > -1e-8 * float(K.diagonal().max())
+    torch.testing.assert_close(pre.logdet(2.0, 0.1), torch.logdet(pre.to_dense(2.0, 0.1)))
+    # 12 of 30 inputs: (6 + 3)(1 + ½ + ½)·12/30 + ½·6, against (6 + 3)·2 on all of them
+    assert pre.products == pytest.approx(9 * 2 * 12 / 30 + 3)
+    assert pre.products < FisherPreconditioner(lin, X, rank=6).build().products
+    assert FisherPreconditioner(lin, X, rank=6, subsample=1.0).build().products == pytest.approx(
+        FisherPreconditioner(lin, X, rank=6).build().products
+    )
+
+
+@pytest.mark.parametrize("bad", [0, -3, 0.0, 1.5, True, "half"])
+def test_subsample_is_validated(bad):
+    net, X = _small()
+    with pytest.raises(ValueError, match=r"FisherPreconditioner: subsample must be .* got"):
+        FisherPreconditioner(_lin(net), X, subsample=bad)
+
+
 def test_diagonal_correction_matches_diag_of_k():
     net, X = _small(n=30)
     lin = _lin(net)
@@ -252,6 +288,7 @@ def test_preconditioned_cg_needs_fewer_iterations_on_a_trained_network():
             ),
         ),
         ("nystrom", NystromPreconditioner(lin, X, rank=20)),
+        ("subsampled", FisherPreconditioner(lin, X, rank=20, subsample=0.25)),
     ]:
         x, diag = conjugate_gradient(A, b, preconditioner=pre.solve_closure(1.0, s2), tol=1e-6)
         torch.testing.assert_close(x, want, rtol=1e-4, atol=1e-4)
@@ -260,6 +297,7 @@ def test_preconditioned_cg_needs_fewer_iterations_on_a_trained_network():
     assert results["range_finder"] < plain.iterations / 1.5
     assert results["fisher"] <= results["nystrom"]
     assert results["fisher"] <= results["range_finder"]
+    assert results["subsampled"] < plain.iterations / 1.5
     assert_unchanged(net, before)
 
 

@@ -214,6 +214,11 @@ class ShardedFisherPreconditioner(FisherPreconditioner):
                 "ShardedFisherPreconditioner: linearization must be a "
                 f"pyro_ntk.distributed.ShardedLinearization, got {type(linearization).__name__}."
             )
+        if options.get("subsample") is not None:
+            raise ValueError(
+                "ShardedFisherPreconditioner: subsample is not supported on sharded data (each "
+                f"rank's rows are already a shard), got subsample={options['subsample']!r}."
+            )
         super().__init__(linearization, X, rank=rank, seed=seed, **options)
         self.comm = linearization.comm
         self.global_size = self.comm.sum_int(self.size)

@@ -24,14 +24,14 @@ from torch import Tensor, nn
 
 from pyro_ntk._checks import check_choice, check_finite, check_positive_int, check_tensor
 from pyro_ntk.distributions import (
-    DEFAULT_MAX_CHOLESKY_SIZE,
     LinearizedNetwork,
-    NTKSystem,
     _linearization,
+    check_jitter,
     check_positive,
 )
 from pyro_ntk.linearization import Linearization
-from pyro_ntk.solvers import SolverDiagnostics
+from pyro_ntk.ntk_system import NTKSystem
+from pyro_ntk.solvers import DEFAULT_MAX_CHOLESKY_SIZE, SolverDiagnostics
 
 __all__ = ["NTKGPRegression"]
 
@@ -58,7 +58,7 @@ class NTKGPRegression(GPModel):
       Lanczos quadrature for the marginal likelihood, the preconditioner
       (``make_preconditioner``) built once and reused for every σ², s².
       ``"auto"``: Cholesky while ``N·O <= max_cholesky_size`` (default 4000, measured) and
-      the dense kernel fits in memory (:func:`pyro_ntk.distributions.choose_solver`).
+      the dense kernel fits in memory (:func:`pyro_ntk.solvers.choose_solver`).
     * :meth:`forward` on the CG path computes the mean by one CG solve and the variances
       from ``num_posterior_samples`` pathwise posterior draws
       (:math:`f_{\mathrm{post}} = f_{\mathrm{prior}} + \sigma^2 K_{\cdot X} A^{-1}
@@ -69,7 +69,7 @@ class NTKGPRegression(GPModel):
     * :attr:`last_solve` holds the iterations and relative residual of the latest solve. A
       CG solve that stops above ``cg_tolerance`` warns and escalates (4× the iterations, a
       4×-rank preconditioner, then dense Cholesky when it fits in memory;
-      :meth:`pyro_ntk.distributions.NTKSystem.solve`); ``last_solve.attempts`` lists the
+      :meth:`pyro_ntk.ntk_system.NTKSystem.solve`); ``last_solve.attempts`` lists the
       steps. The CG-path marginal likelihood escalates the same way (``docs/numerics.rst``).
     * The network is never trained: it is not a submodule, only θ* copies are used.
 
@@ -136,13 +136,7 @@ class NTKGPRegression(GPModel):
         elif not callable(mean):
             raise TypeError(f"{where}: mean must be 'network', 'zero' or a callable, got {mean!r}.")
         self.mean = mean
-        if (
-            not isinstance(jitter, (int, float))
-            or isinstance(jitter, bool)
-            or not 0 <= jitter < float("inf")
-        ):
-            raise ValueError(f"{where}: jitter must be a float >= 0, got {jitter!r}.")
-        self.jitter = float(jitter)
+        self.jitter = check_jitter(where, jitter)
         self.kernel = None  # the kernel is the network's NTK, held by the linearization
         self.mean_function = self._mean
         self.layer_variances = bool(layer_variances)
