@@ -1,7 +1,7 @@
 """CG escalation on a badly conditioned NTK system: what each step does, measured.
 
 Trains the 1-32-32-1 tanh MLP of ``bench_precision.py`` (float64, P = 1153, N = 200), then
-solves ``(K + s² I) x = y − f(X)`` on the matrix-free path (:class:`pyro_ntk.distributions.
+solves ``(K + s² I) x = y − f(X)`` on the matrix-free path (:class:`pyro_ntk.ntk_system.
 NTKSystem`, ``solver="cg"``) with a deliberately low ``max_cg_iterations`` and tiny noise,
 and prints every escalation attempt (:attr:`SolverDiagnostics.attempts`) with the error of
 the returned solution against a dense float64 solve on an independently built K
@@ -20,7 +20,7 @@ import torch
 from bench_precision import train
 
 from pyro_ntk import Linearization, LinearizedNetwork
-from pyro_ntk.distributions import NTKSystem
+from pyro_ntk.ntk_system import NTKSystem
 from pyro_ntk.testing import reference_ntk
 
 

@@ -52,7 +52,7 @@ FISHER_VARIANTS = {
     "range finder, Ω in R^P": dict(sketch="parameter", power_iterations=0, oversampling=0),
     "range finder, p=100": dict(sketch="parameter", power_iterations=0, oversampling=100),
     "function sketch, q=1": dict(sketch="function", power_iterations=1, oversampling=0),
-    "function sketch, q=1, p=50 (default)": dict(
+    "function sketch, q=1, p=50, all inputs": dict(
         sketch="function", power_iterations=1, oversampling=50
     ),
     "function sketch, q=2": dict(sketch="function", power_iterations=2, oversampling=0),
@@ -62,6 +62,11 @@ FISHER_VARIANTS = {
         sketch="parameter", power_iterations=0, oversampling=0, diagonal_correction=True
     ),
 }
+# every variant above sketches all inputs; the default (function sketch, q=1, p=k/2) runs
+# its range finder on half of them, and a 2000-input subset is the cheapest single solve
+FISHER_VARIANTS = {name: {**opts, "subsample": None} for name, opts in FISHER_VARIANTS.items()}
+FISHER_VARIANTS["default: q=1, p=50, subsample='auto' (half)"] = {}
+FISHER_VARIANTS["q=1, p=50, subsample=2000"] = dict(subsample=2000)
 
 
 # ---------------------------------------------------------------------------- data and network

@@ -42,13 +42,30 @@ def variants(k: int):
         ("parameter", 0, 0),
         ("parameter", 0, half),
         ("function", 1, 0),
-        ("function", 1, half),  # the default
+        ("function", 1, half),
     ]:
-        name = f"Fisher {sketch} sketch q={q} p={p}" + (" (default)" if (q, p) == (1, half) else "")
         yield (
-            name,
+            f"Fisher {sketch} sketch q={q} p={p}, all inputs",
             lambda lin, X, sketch=sketch, q=q, p=p: FisherPreconditioner(
-                lin, X, rank=k, sketch=sketch, power_iterations=q, oversampling=p
+                lin, X, rank=k, sketch=sketch, power_iterations=q, oversampling=p, subsample=None
+            ),
+        )
+    # the range finder on a random subset of the inputs; only k columns go through all N
+    yield (
+        "Fisher default (q=1 p=k/2, subsample='auto': half)",
+        lambda lin, X: FisherPreconditioner(lin, X, rank=k),
+    )
+    for sketch, q, p, sub in [
+        ("function", 1, half, 2000),
+        ("function", 1, half, 1 / 4),
+        ("function", 1, half, 1 / 8),
+        ("function", 2, half, 1 / 8),
+        ("parameter", 1, half, 1 / 8),
+    ]:
+        yield (
+            f"Fisher {sketch} sketch q={q} p={p} subsample {sub:g}",
+            lambda lin, X, sketch=sketch, q=q, p=p, sub=sub: FisherPreconditioner(
+                lin, X, rank=k, sketch=sketch, power_iterations=q, oversampling=p, subsample=sub
             ),
         )
 

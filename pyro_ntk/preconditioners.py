@@ -80,6 +80,9 @@ __all__ = [
 
 KINDS = ("auto", "fisher", "nystrom", "pivoted_cholesky", None)
 
+AUTO_SUBSAMPLE_ROWS = 4
+"""``subsample="auto"`` keeps at least this many rows of ``J`` per sketch column."""
+
 PreconditionerFactors = tuple[
     Callable[[Tensor], Tensor] | None, LinearOperator | None, Tensor | None
 ]
@@ -477,15 +480,18 @@ class FisherPreconditioner(Preconditioner):
     Cost (K·v-equivalents): ``(k + p)·(q + 1.5)`` (parameter sketch) or ``(k + p)·(q + 1)``
     (function sketch), all in batched products; memory ``O((P + n)(k + p))``.
 
-    **Defaults** (function sketch, ``q = 1``, ``p = k // 2``) were chosen with
-    ``benchmarks/bench_precond.py`` (trained 26-128-128-1 tanh MLP, P = 20,097, N = 5000 and
-    20,000, s² = 1e-2 and 1e-3 × mean diag K, CG to 1e-4; ``benchmarks/RESULTS.md``): 0.63–0.71×
-    the iterations of gpytorch's pivoted Cholesky at equal rank k = 100 and 14–16× fewer than
-    no preconditioner, against 0.74–0.82× for the plain range finder (``sketch="parameter",
-    power_iterations=0, oversampling=0``). Oversampling gave the largest gain; a second power
-    iteration less; the diagonal correction *raised* iterations (e.g. 312 against 132 at
-    N = 20,000, s² = 1e-3 m̄) because it inflates the preconditioner's small eigenvalues
-    beyond ``s²``, so it is off by default.
+    **Defaults** (function sketch, ``q = 1``, ``p = k // 2``, ``subsample="auto"``) were chosen
+    with ``benchmarks/bench_precond.py`` and ``bench_precond_variants.py`` (trained
+    26-128-128-1 tanh MLP, P = 20,097, N = 5000 and 20,000, s² = 1e-2 and 1e-3 × mean diag K,
+    CG to 1e-4; ``benchmarks/RESULTS.md``): 0.63–0.73× the iterations of gpytorch's pivoted
+    Cholesky at equal rank k = 100 and 13–16× fewer than no preconditioner, against
+    0.74–0.82× for the plain range finder (``sketch="parameter", power_iterations=0,
+    oversampling=0``). Oversampling gave the largest gain; a second power iteration less;
+    running the range finder on half of the inputs (``"auto"``) kept the iterations (20 / 62
+    / 37 / 115 against 19 / 59 / 37 / 113 on all of them) for two thirds of the set-up
+    products (200 against 300); the diagonal correction *raised* iterations (e.g. 312
+    against 132 at N = 20,000, s² = 1e-3 m̄) because it inflates the preconditioner's small
+    eigenvalues beyond ``s²``, so it is off by default.
 
     Args:
         linearization: the :class:`pyro_ntk.Linearization`.
@@ -499,14 +505,15 @@ class FisherPreconditioner(Preconditioner):
         variance: reference σ² (scalar or ``(G,)``; ``None``: ones).
         rebuild_factor: see the module docstring.
         subsample: run the sketch and the power iterations on a seeded random subset of the
-            inputs (an ``int`` count or a fraction in ``(0, 1]``; ``None``: all), keep that
-            subset Fisher's top ``k`` directions, and map only those ``k`` columns through
-            all ``N`` inputs. Cost ``(k + p)(q + 1)·n_s/n + k/2`` K·v-equivalents instead
-            of ``(k + p)(q + 1)``. Measured (``benchmarks/bench_precond_variants.py``, N =
-            5000, fraction 1/8): 87.5 set-up K·v against Nyström's 100 and 26 / 76 CG
-            iterations against its 28 / 81 (s² = 1e-2 / 1e-3 × mean diag K), so the
-            cheapest total for a single solve; the full-data default takes fewer
-            iterations (19 / 59) and pays off when the preconditioner is reused.
+            inputs, keep that subset Fisher's top ``k`` directions, and map only those ``k``
+            columns through all ``N`` inputs: cost ``(k + p)(q + 1)·n_s/N + k/2``
+            K·v-equivalents instead of ``(k + p)(q + 1)``. An ``int`` count, a fraction in
+            ``(0, 1]``, ``None`` (all inputs) or ``"auto"``: half of the inputs, but at least
+            ``4(k + p)`` rows of ``J`` (so small problems use all of them). A small subset
+            is the cheapest single solve: 2000 of 20,000 inputs cost 80 set-up products
+            against Nyström's 100 and took 41 / 129 iterations against its 52 / 155
+            (s² = 1e-2 / 1e-3 m̄); the default's larger subset pays off when the
+            preconditioner is reused across a fit.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
@@ -533,16 +540,16 @@ class FisherPreconditioner(Preconditioner):
         diagonal_correction: bool = False,
         variance: Tensor | float | None = None,
         rebuild_factor: float = 2.0,
-        subsample: int | float | None = None,
+        subsample: int | float | str | None = "auto",
     ):
         where = "FisherPreconditioner"
-        if subsample is not None and not (
+        if subsample not in (None, "auto") and not (
             (isinstance(subsample, int) and not isinstance(subsample, bool) and subsample >= 1)
             or (isinstance(subsample, float) and 0.0 < subsample <= 1.0)
         ):
             raise ValueError(
-                f"{where}: subsample must be None, a number of inputs >= 1 or a fraction in "
-                f"(0, 1], got {subsample!r}."
+                f"{where}: subsample must be None, 'auto', a number of inputs >= 1 or a "
+                f"fraction in (0, 1], got {subsample!r}."
             )
         self.subsample = subsample
         if oversampling is None:
@@ -564,12 +571,18 @@ class FisherPreconditioner(Preconditioner):
             rebuild_factor=rebuild_factor,
         )
 
-    def _sketch_rows(self, N: int) -> Tensor | None:
-        """The rows the range finder runs on: all (``None``) or a seeded random subset."""
+    def _sketch_rows(self, N: int, O: int) -> Tensor | None:
+        """The inputs the range finder runs on: all (``None``) or a seeded random subset."""
         if self.subsample is None:
             return None
-        size = self.subsample if isinstance(self.subsample, int) else self.subsample * N
-        size = max(1, min(N, math.ceil(size)))
+        if self.subsample == "auto":
+            columns = self.rank + self.oversampling
+            size = max(math.ceil(N / 2), math.ceil(AUTO_SUBSAMPLE_ROWS * columns / O))
+        elif isinstance(self.subsample, int):
+            size = self.subsample
+        else:
+            size = math.ceil(self.subsample * N)
+        size = max(1, min(N, size))
         if size == N:
             return None
         gen = torch.Generator(device="cpu").manual_seed(self.seed + 7919)
@@ -580,7 +593,7 @@ class FisherPreconditioner(Preconditioner):
         lin, X = self.linearization, self.X
         P, n = lin.num_params, self.size
         N, O = X.shape[0], n // X.shape[0]
-        rows = self._sketch_rows(N)
+        rows = self._sketch_rows(N, O)
         Xs = X if rows is None else X[rows]
         ns = Xs.shape[0] * O
         frac = ns / n  # a product over the subset costs this share of a full one

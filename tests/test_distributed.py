@@ -192,7 +192,11 @@ def _worker(scenario: str, rank: int, world: int, rendezvous: str, out: str) -> 
     comm = init_from_env("gloo", timeout=COLLECTIVE_TIMEOUT, init_method=f"file://{rendezvous}")
     assert comm.world_size == world and comm.rank == rank
     {"products": _products, "failure": _failure}[scenario](comm, Path(out))
+    print(f"rank {rank}: scenario done", flush=True)
+    # every rank reaches the teardown before any closes its connections
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    print(f"rank {rank}: process group destroyed", flush=True)
 
 
 # ---------------------------------------------------------------------------- the parent

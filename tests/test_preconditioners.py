@@ -137,10 +137,31 @@ def test_subsampled_range_finder_is_exact_where_it_can_be_and_costs_less():
     torch.testing.assert_close(pre.logdet(2.0, 0.1), torch.logdet(pre.to_dense(2.0, 0.1)))
     # 12 of 30 inputs: (6 + 3)(1 + ½ + ½)·12/30 + ½·6, against (6 + 3)·2 on all of them
     assert pre.products == pytest.approx(9 * 2 * 12 / 30 + 3)
-    assert pre.products < FisherPreconditioner(lin, X, rank=6).build().products
-    assert FisherPreconditioner(lin, X, rank=6, subsample=1.0).build().products == pytest.approx(
-        FisherPreconditioner(lin, X, rank=6).build().products
-    )
+    everything = FisherPreconditioner(lin, X, rank=6, subsample=None).build().products
+    assert pre.products < everything
+    one = FisherPreconditioner(lin, X, rank=6, subsample=1.0).build().products
+    assert one == pytest.approx(everything)
+
+
+def test_auto_subsample_takes_half_the_inputs_but_enough_rows():
+    net, X = _small(n=80)
+    lin = _lin(net)
+    K = reference_ntk(net, X)
+    pre = FisherPreconditioner(lin, X, rank=4)  # k + p = 6 columns: at least 24 rows of J
+    assert pre.subsample == "auto"
+    rows = pre._sketch_rows(80, 1)
+    assert rows.numel() == 40 and rows.unique().numel() == 40
+    pre.build()
+    assert pre.products == pytest.approx(6 * 2 * 40 / 80 + 2)
+    M = pre.to_dense(1.5, 0.2)
+    torch.testing.assert_close(pre.logdet(1.5, 0.2), torch.logdet(M))
+    eig, _ = pre.eigenform()
+    LLt = (eig.U * eig.d) @ eig.U.T
+    assert float(torch.linalg.eigvalsh(K - LLt).min()) > -1e-8 * float(K.diagonal().max())
+    assert FisherPreconditioner(lin, X[:40], rank=4)._sketch_rows(40, 1).numel() == 24
+    assert FisherPreconditioner(lin, X[:20], rank=4)._sketch_rows(20, 1) is None
+    # O outputs per input count as O rows of J
+    assert FisherPreconditioner(lin, X[:40], rank=4)._sketch_rows(40, 3).numel() == 20
 
 
 @pytest.mark.parametrize("bad", [0, -3, 0.0, 1.5, True, "half"])
@@ -156,6 +177,7 @@ def test_diagonal_correction_matches_diag_of_k():
     K = reference_ntk(net, X)
     pre = FisherPreconditioner(lin, X, rank=4, diagonal_correction=True)
     assert pre.oversampling == 2 and pre.power_iterations == 1 and pre.sketch == "function"
+    assert pre.subsample == "auto"
     M = pre.to_dense(variance=2.0, noise=0.1)
     torch.testing.assert_close(M.diagonal(), 2.0 * K.diagonal() + 0.1)
     torch.testing.assert_close(pre.logdet(2.0, 0.1), torch.logdet(M))

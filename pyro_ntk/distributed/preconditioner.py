@@ -214,11 +214,12 @@ class ShardedFisherPreconditioner(FisherPreconditioner):
                 "ShardedFisherPreconditioner: linearization must be a "
                 f"pyro_ntk.distributed.ShardedLinearization, got {type(linearization).__name__}."
             )
-        if options.get("subsample") is not None:
+        if options.get("subsample", "auto") not in (None, "auto"):
             raise ValueError(
                 "ShardedFisherPreconditioner: subsample is not supported on sharded data (each "
                 f"rank's rows are already a shard), got subsample={options['subsample']!r}."
             )
+        options["subsample"] = None  # every rank sketches all of its rows
         super().__init__(linearization, X, rank=rank, seed=seed, **options)
         self.comm = linearization.comm
         self.global_size = self.comm.sum_int(self.size)
