@@ -427,18 +427,17 @@ that build (one forward pass and O backward passes to the layer outputs). The
 double-backward loop is the reference code's (amzn/xfer finite_ntk) per-column method; the
 torch.func row is a plain vjp+jvp written in this file.
 
-Where a target is not met. One matrix-free K·v on the headline MLP at N = 2000 costs two
-forward-sized GEMMs per layer (the floor of a matrix-free product, ≈ 0.6 × fwd+bwd in
-FLOPs here) plus fixed costs per call: ~60 small tensor operations (the per-example
-contractions of B_l with the GEMM outputs, bias folding, concatenation into the flat
-parameter vector) and Linearization's per-call validation and eval-mode toggling (≈ 0.1 ×
-fwd+bwd together at N = 2000, measured by calling the engine directly). Those fixed costs
-amortize with N (compare N = 10⁴ in the sweep) and vanish relative to the GEMMs with width.
-What would close the gap at N = 2000: fusing each layer's contraction into its GEMM (a
-compiled kernel, e.g. torch.compile where a C++ compiler is available), skipping the
-eval-mode toggles and re-validation of an X already seen, and, for N·O ≲ 10⁴, caching the
-dense K (built 35-60× faster than Jacobian contraction, then K·v costs N²·O² multiply-adds,
-well under 0.1 × fwd+bwd), which is what a solver should do in that regime.
+Timing. Each contender runs as a block of BLOCK back-to-back calls per round (its steady
+state: a CG solve calls K·v back to back, a training loop forward+backward), blocks
+interleaved round-robin, min over rounds of the per-call mean. With one call per contender
+per round, a K·v timed after a different contender pays ~0.1 × fwd+bwd more for reloading
+its per-layer factors into the caches (measured; see RESULTS.md, session 2).
+
+Where the ratio is above the FLOP floor. One K·v costs two forward-sized GEMMs per layer
+(≈ 0.69 × fwd+bwd in multiply-adds for the headline MLP) plus ~60 small tensor operations
+and Linearization's per-call checks; the fixed costs matter at small N (N = 100), and at
+large N or width the per-layer contractions become memory-bound once the factors no longer
+fit the caches (N = 10⁴, width 1024).
 """
 
 
