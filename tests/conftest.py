@@ -1,5 +1,6 @@
-"""Test configuration: float64 by default, fixed seeds, a ``requires_cuda`` skip."""
+"""Test configuration: float64 by default, fixed seeds, a clean Pyro param store, a GPU skip."""
 
+import pyro
 import pytest
 import torch
 
@@ -12,6 +13,15 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_param_store():
+    # Pyro's parameter store is global: a test must not see another test's parameters
+    # (a model built under the same names would start from them).
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,93 @@
+"""Choosing a preconditioner by name, and the "no preconditioner" choice.
+
+``make_preconditioner(kind, ...)`` maps ``"auto"`` / ``"fisher"`` / ``"nystrom"`` /
+``"pivoted_cholesky"`` to their classes and ``None`` to :class:`IdentityPreconditioner`.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from pyro_ntk.linearization import Linearization
+from pyro_ntk.preconditioners.base import Preconditioner
+from pyro_ntk.preconditioners.fisher import FisherPreconditioner
+from pyro_ntk.preconditioners.nystrom import NystromPreconditioner
+from pyro_ntk.preconditioners.pivoted_cholesky import PivotedCholeskyPreconditioner
+
+__all__ = ["KINDS", "IdentityPreconditioner", "make_preconditioner"]
+
+KINDS = ("auto", "fisher", "nystrom", "pivoted_cholesky", None)
+
+
+class IdentityPreconditioner:
+    """No preconditioning: ``override`` makes linear_operator run plain CG.
+
+    (``AddedDiagLinearOperator(..., preconditioner_override=None)`` would instead fall back to
+    gpytorch's default pivoted Cholesky.)
+
+    Example:
+        >>> IdentityPreconditioner().override()(None)
+        (None, None, None)
+    """
+
+    kind = None
+    rebuilds = 0
+    setup_seconds = 0.0
+    products = 0.0
+
+    def override(self, variance: object = None, noise: object = None):
+        """``f(op) -> (None, None, None)``."""
+        return lambda op: (None, None, None)
+
+    def solve_closure(self, variance: object = None, noise: object = 1.0):
+        """``None``: no preconditioner."""
+        return None
+
+
+def make_preconditioner(
+    kind: str | None,
+    linearization: Linearization,
+    X: Tensor,
+    *,
+    rank: int = 100,
+    seed: int = 0,
+    **options,
+) -> Preconditioner | IdentityPreconditioner:
+    r"""Build a preconditioner for ``σ² K(X, X) + s² I`` by name.
+
+    Lazily: the sketch is taken on first use and then reused for every σ² and s².
+
+    ``"auto"`` is ``"fisher"`` with its defaults (function sketch, one power iteration,
+    oversampling ``k // 2``: the fewest iterations per build in ``benchmarks/RESULTS.md``);
+    ``None`` is no preconditioner.
+
+    Args:
+        kind: ``"auto"``, ``"fisher"``, ``"nystrom"``, ``"pivoted_cholesky"`` or ``None``.
+        linearization: the :class:`pyro_ntk.Linearization`.
+        X: inputs ``(N, ...)``.
+        rank: ``k``.
+        seed: sketch seed.
+        **options: passed to the class (e.g. ``power_iterations``, ``variance``).
+
+    Returns:
+        A :class:`Preconditioner` (or :class:`IdentityPreconditioner` for ``None``); use
+        ``.override(variance, noise)`` as ``preconditioner_override``.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> lin = Linearization(net.double())
+        >>> make_preconditioner("nystrom", lin, torch.randn(10, 2, dtype=torch.float64), rank=4).kind
+        'nystrom'
+    """
+    if kind is None:
+        return IdentityPreconditioner()
+    if kind == "auto":
+        kind = "fisher"
+    classes = {
+        "fisher": FisherPreconditioner,
+        "nystrom": NystromPreconditioner,
+        "pivoted_cholesky": PivotedCholeskyPreconditioner,
+    }
+    if kind not in classes:
+        raise ValueError(f"make_preconditioner: kind must be one of {list(KINDS)}, got {kind!r}.")
+    return classes[kind](linearization, X, rank=rank, seed=seed, **options)
