@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from pyro_ntk._parameters import ParamSelector
+from pyro_ntk.linearization import Linearization
 
 PREFIX = "network."
 
@@ -78,6 +79,24 @@ def prefixed_selector(network: nn.Module, params: ParamSelector, where: str) -> 
             f"{where}: params names {unknown} are not parameters of the network {sorted(known)}."
         )
     return [PREFIX + n for n in wanted]
+
+
+def output_linearization(
+    network: nn.Module,
+    params: ParamSelector,
+    output: int | None,
+    chunk_size: int | None,
+    where: str,
+) -> Linearization:
+    """The :class:`~pyro_ntk.Linearization` of ``network`` (``output=None``) or of its output ``k``.
+
+    A plain object, not an ``nn.Module``: it holds θ* as plain tensors, so a kernel that keeps
+    it as an attribute never takes the network into its own module tree.
+    """
+    if output is None:
+        return Linearization(network, params, chunk_size=chunk_size)
+    target = SelectOutput(network, output, where)
+    return Linearization(target, prefixed_selector(network, params, where), chunk_size=chunk_size)
 
 
 def unprefixed_group(group: str) -> str:

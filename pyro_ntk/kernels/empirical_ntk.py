@@ -20,12 +20,7 @@ from torch import Tensor, nn
 
 from pyro_ntk._checks import check_tensor
 from pyro_ntk._parameters import ParamSelector
-from pyro_ntk.kernels._output import (
-    SelectOutput,
-    check_output,
-    prefixed_selector,
-    unprefixed_group,
-)
+from pyro_ntk.kernels._output import check_output, output_linearization, unprefixed_group
 from pyro_ntk.linearization import Linearization
 
 
@@ -165,14 +160,8 @@ class EmpiricalNTK(Kernel):
         self._slicing = slicing
         self.output = output
 
-        if self.output is None:
-            target, selector = network, params
-        else:
-            target = SelectOutput(network, self.output, where)
-            selector = prefixed_selector(network, params, where)
-        # A plain object, not an nn.Module: it holds θ* as plain tensors and never enters
-        # this kernel's module tree (neither does the network).
-        self._lin = Linearization(target, selector, chunk_size=chunk_size)
+        # a plain object outside this kernel's module tree (so is the network)
+        self._lin = output_linearization(network, params, self.output, chunk_size, where)
         self.layer_variances = layer_variances
         self.variance = PyroParam(
             initial_variance(

@@ -20,12 +20,7 @@ from gpytorch.priors import Prior
 from torch import Tensor, nn
 
 from pyro_ntk._parameters import ParamSelector
-from pyro_ntk.kernels._output import (
-    SelectOutput,
-    check_output,
-    prefixed_selector,
-    unprefixed_group,
-)
+from pyro_ntk.kernels._output import check_output, output_linearization, unprefixed_group
 from pyro_ntk.kernels.empirical_ntk import initial_variance
 from pyro_ntk.linearization import Linearization
 from pyro_ntk.operators import NTKLinearOperator, convert_linearization
@@ -121,13 +116,8 @@ class NTKKernel(Kernel):
                     f"{input_shape!r}."
                 )
         self.input_shape = input_shape
-        if self.output is None:
-            target, selector = network, params
-        else:
-            target = SelectOutput(network, self.output, where)
-            selector = prefixed_selector(network, params, where)
-        # Plain attributes, outside the module tree: θ* copies, never trained.
-        self._lin = Linearization(target, selector, chunk_size=chunk_size)
+        # a plain attribute outside the module tree: θ* copies, never trained
+        self._lin = output_linearization(network, params, self.output, chunk_size, where)
         self.layer_variances = layer_variances
         init = initial_variance(
             where, variance, layer_variances, self.groups, self._lin.dtype, self._lin.device
