@@ -75,45 +75,21 @@ class ShardedEigenPreconditioner(EigenPreconditioner):
     ):
         super().__init__(U, d, residual, setup_seconds=setup_seconds, products=products)
         self.comm = comm
-        self.global_size = int(size)
+        self._global_size = int(size)
+
+    @property
+    def global_size(self) -> int:
+        """Side of the whole operator, the sum of the ranks' row counts."""
+        return self._global_size
+
+    def _reduce(self, partial: Tensor) -> Tensor:
+        return self.comm.all_reduce(partial)
 
     def _diag(self, scale: float, noise: object) -> tuple[Tensor, bool]:
         D, _ = super()._diag(scale, noise)
         # constant only for a scalar noise and no residual: the same decision on every rank
         scalar = not isinstance(noise, Tensor) or noise.numel() == 1
         return D, scalar and self.residual is None
-
-    def _woodbury(self, scale: float, D: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        W = self.U * (scale * self.d).sqrt()
-        Dinv = (1.0 / D).unsqueeze(-1)
-        eye = torch.eye(self.rank, dtype=W.dtype, device=W.device)
-        C = eye + self.comm.all_reduce(W.mT @ (Dinv * W))
-        return W, Dinv, torch.linalg.cholesky(C)
-
-    def solve_closure(self, scale: float, noise: object) -> Callable[[Tensor], Tensor]:
-        """``R ↦ M⁻¹ R`` for this rank's rows ``R`` ``(n_r,)`` or ``(n_r, t)`` (a collective)."""
-        scale = float(scale)
-        D, constant = self._diag(scale, noise)
-        U, reduce = self.U, self.comm.all_reduce
-        if constant:
-            s2 = D[0]
-            coef = (1.0 / (scale * self.d + s2) - 1.0 / s2).unsqueeze(-1)  # (k, 1)
-
-            def closure(R: Tensor) -> Tensor:
-                Rm = R.unsqueeze(-1) if R.dim() == 1 else R
-                out = Rm / s2 + U @ (coef * reduce(U.mT @ Rm))
-                return out.squeeze(-1) if R.dim() == 1 else out
-
-            return closure
-        W, Dinv, LC = self._woodbury(scale, D)
-
-        def closure(R: Tensor) -> Tensor:
-            Rm = R.unsqueeze(-1) if R.dim() == 1 else R
-            DR = Dinv * Rm
-            out = DR - Dinv * (W @ torch.cholesky_solve(reduce(W.mT @ DR), LC))
-            return out.squeeze(-1) if R.dim() == 1 else out
-
-        return closure
 
     def inverse_sqrt_closure(self, scale: float, noise: object) -> Callable[[Tensor], Tensor]:
         """``R ↦ M^{-1/2} R`` (scalar noise, no residual; a collective)."""
@@ -134,18 +110,6 @@ class ShardedEigenPreconditioner(EigenPreconditioner):
             return R / s + U @ (coef * reduce(U.mT @ R))
 
         return closure
-
-    def logdet(self, scale: float, noise: object) -> Tensor:
-        """``log det M`` of the global ``n × n`` matrix (determinant lemma; a collective)."""
-        scale = float(scale)
-        D, constant = self._diag(scale, noise)
-        if constant:
-            s2 = D[0]
-            rest = (self.global_size - self.rank) * torch.log(s2)
-            return torch.log(scale * self.d + s2).sum() + rest
-        _, _, LC = self._woodbury(scale, D)
-        logD = self.comm.all_reduce(torch.log(D).sum())
-        return logD + 2 * torch.log(LC.diagonal()).sum()
 
     def linear_operator(self, scale: float, noise: object):
         """Not available: ``M`` is sharded across ranks (linear_operator's CG is single-process)."""

@@ -110,6 +110,19 @@ class EigenPreconditioner:
         """``k``, the number of eigenpairs kept."""
         return self.U.shape[1]
 
+    @property
+    def global_size(self) -> int:
+        """Side of the whole operator (``n`` here; the sum over ranks when ``U`` is sharded)."""
+        return self.size
+
+    def _reduce(self, partial: Tensor) -> Tensor:
+        """Sum a ``k``-sized partial product over row shards of ``U`` (identity here).
+
+        The seam for :class:`pyro_ntk.distributed.ShardedEigenPreconditioner`, which
+        all-reduces it, so every Woodbury product below is the global one.
+        """
+        return partial
+
     def _diag(self, scale: float, noise: object) -> tuple[Tensor, bool]:
         D, constant = _noise_vector(
             "EigenPreconditioner", noise, self.size, self.U.dtype, self.U.device
@@ -118,30 +131,34 @@ class EigenPreconditioner:
             return D + scale * self.residual, False
         return D, constant
 
+    def _woodbury(self, scale: float, D: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``W = U diag(√(c d))``, ``D⁻¹`` as a column and the Cholesky of ``I + Wᵀ D⁻¹ W``."""
+        W = self.U * (scale * self.d).sqrt()
+        Dinv = (1.0 / D).unsqueeze(-1)
+        eye = torch.eye(self.rank, dtype=W.dtype, device=W.device)
+        return W, Dinv, torch.linalg.cholesky(eye + self._reduce(W.mT @ (Dinv * W)))
+
     def solve_closure(self, scale: float, noise: object) -> Callable[[Tensor], Tensor]:
         """``R ↦ M⁻¹ R`` for ``R`` of shape ``(n,)`` or ``(n, t)``, precomputed for (c, D)."""
         scale = float(scale)
         D, constant = self._diag(scale, noise)
-        U = self.U
+        U, reduce = self.U, self._reduce
         if constant:
             s2 = D[0]
-            coef = 1.0 / (scale * self.d + s2) - 1.0 / s2  # (k,)
+            coef = (1.0 / (scale * self.d + s2) - 1.0 / s2).unsqueeze(-1)  # (k, 1)
 
             def closure(R: Tensor) -> Tensor:
                 Rm = R.unsqueeze(-1) if R.dim() == 1 else R
-                out = Rm / s2 + U @ (coef.unsqueeze(-1) * (U.mT @ Rm))
+                out = Rm / s2 + U @ (coef * reduce(U.mT @ Rm))
                 return out.squeeze(-1) if R.dim() == 1 else out
 
             return closure
-        W = U * (scale * self.d).sqrt()
-        Dinv = (1.0 / D).unsqueeze(-1)
-        C = torch.eye(self.rank, dtype=U.dtype, device=U.device) + W.mT @ (Dinv * W)
-        LC = torch.linalg.cholesky(C)
+        W, Dinv, LC = self._woodbury(scale, D)
 
         def closure(R: Tensor) -> Tensor:
             Rm = R.unsqueeze(-1) if R.dim() == 1 else R
             DR = Dinv * Rm
-            out = DR - Dinv * (W @ torch.cholesky_solve(W.mT @ DR, LC))
+            out = DR - Dinv * (W @ torch.cholesky_solve(reduce(W.mT @ DR), LC))
             return out.squeeze(-1) if R.dim() == 1 else out
 
         return closure
@@ -152,10 +169,10 @@ class EigenPreconditioner:
         D, constant = self._diag(scale, noise)
         if constant:
             s2 = D[0]
-            return torch.log(scale * self.d + s2).sum() + (self.size - self.rank) * torch.log(s2)
-        W = self.U * (scale * self.d).sqrt()
-        C = torch.eye(self.rank, dtype=W.dtype, device=W.device) + W.mT @ (W / D.unsqueeze(-1))
-        return torch.log(D).sum() + 2 * torch.log(torch.linalg.cholesky(C).diagonal()).sum()
+            rest = (self.global_size - self.rank) * torch.log(s2)
+            return torch.log(scale * self.d + s2).sum() + rest
+        _, _, LC = self._woodbury(scale, D)
+        return self._reduce(torch.log(D).sum()) + 2 * torch.log(LC.diagonal()).sum()
 
     def linear_operator(self, scale: float, noise: object) -> LinearOperator:
         """``M`` as a LinearOperator (``W Wᵀ + D``; linear_operator draws SLQ probes from it)."""
