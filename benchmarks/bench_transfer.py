@@ -375,46 +375,42 @@ def evaluate(
     """
     import pyro
 
-    previous = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)  # tiny problems: one thread avoids spin-waits on a shared CPU
+    from pyro_ntk.demo import run_settings
+
     out = {}
-    try:
-        with pyro.settings.context(module_local_params=True):
-            for task in tasks:
-                base = _reset_peak() if measure_memory else None
-                rows = []
-                for i, seed in enumerate(seeds):
-                    pyro.set_rng_seed(seed)
-                    data = make_data(task, seed, cfg)
-                    source = make_network(data["Xs"].shape[1], cfg.width)
-                    state = torch.load(Path(workdir) / f"{task}-{seed}-source.pt")
-                    source.load_state_dict(state)
-                    source.eval()
-                    fine_tuned = METHODS[method].fine_tuned
-                    if i == 0:  # warm-up: first calls into autograd, torch.func, the backends
-                        warm = dataclasses.replace(cfg, finetune_steps=2)
-                        tuned = fine_tune(source, data["Xa"], data["ya"], 2) if fine_tuned else None
-                        adapt(method, source, data, warm, tuned, steps=2)
-                    t0 = time.perf_counter()
-                    tuned = None
-                    if fine_tuned:
-                        tuned = fine_tune(source, data["Xa"], data["ya"], cfg.finetune_steps)
-                    mean, var, info = adapt(method, source, data, cfg, tuned)
-                    seconds = time.perf_counter() - t0
-                    scores = gaussian_scores(mean, var, data["yt"])
-                    rows.append({"seed": seed, "seconds": seconds, **scores, **info})
-                peak = _proc_kib("VmHWM") if base is not None else None
-                out[task] = {
-                    "method": method,
-                    "task": task,
-                    "rows": rows,
-                    "peak_mib": None if peak is None else peak / 1024,
-                    "baseline_mib": None if base is None else base / 1024,
-                }
-    finally:
-        torch.set_default_dtype(previous[0])
-        torch.set_num_threads(previous[1])
+    # tiny problems: one thread avoids spin-waits on a shared CPU
+    with run_settings(num_threads=1):
+        for task in tasks:
+            base = _reset_peak() if measure_memory else None
+            rows = []
+            for i, seed in enumerate(seeds):
+                pyro.set_rng_seed(seed)
+                data = make_data(task, seed, cfg)
+                source = make_network(data["Xs"].shape[1], cfg.width)
+                state = torch.load(Path(workdir) / f"{task}-{seed}-source.pt")
+                source.load_state_dict(state)
+                source.eval()
+                fine_tuned = METHODS[method].fine_tuned
+                if i == 0:  # warm-up: first calls into autograd, torch.func, the backends
+                    warm = dataclasses.replace(cfg, finetune_steps=2)
+                    tuned = fine_tune(source, data["Xa"], data["ya"], 2) if fine_tuned else None
+                    adapt(method, source, data, warm, tuned, steps=2)
+                t0 = time.perf_counter()
+                tuned = None
+                if fine_tuned:
+                    tuned = fine_tune(source, data["Xa"], data["ya"], cfg.finetune_steps)
+                mean, var, info = adapt(method, source, data, cfg, tuned)
+                seconds = time.perf_counter() - t0
+                scores = gaussian_scores(mean, var, data["yt"])
+                rows.append({"seed": seed, "seconds": seconds, **scores, **info})
+            peak = _proc_kib("VmHWM") if base is not None else None
+            out[task] = {
+                "method": method,
+                "task": task,
+                "rows": rows,
+                "peak_mib": None if peak is None else peak / 1024,
+                "baseline_mib": None if base is None else base / 1024,
+            }
     return out
 
 

@@ -42,6 +42,7 @@ from tqdm.auto import trange  # noqa: E402
 
 from pyro_ntk import NTKGPRegression  # noqa: E402
 from pyro_ntk.datasets import SineTask  # noqa: E402
+from pyro_ntk.demo import run_settings  # noqa: E402
 
 WARP = (1.2, 0.3)  # y = f(1.2 x + 0.3; θ*): a mild warp, inside the linear regime
 LAYER_NAMES = {"0": "layer 1 (1→40)", "2": "layer 2 (40→40)", "4": "layer 3 (40→1)"}
@@ -101,16 +102,8 @@ def main(
     Runs in float64 with ``num_threads`` threads and Pyro's module-local parameters (two GP
     models in one process); all are restored afterwards.
     """
-    previous = torch.get_num_threads(), torch.get_default_dtype()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    torch.set_default_dtype(torch.float64)
-    try:
-        with pyro.settings.context(module_local_params=True):
-            return _run(smoke_test, out_dir, seed, progress)
-    finally:
-        torch.set_num_threads(previous[0])
-        torch.set_default_dtype(previous[1])
+    with run_settings(num_threads):
+        return _run(smoke_test, out_dir, seed, progress)
 
 
 def _run(smoke_test: bool, out_dir: str, seed: int, progress: bool):

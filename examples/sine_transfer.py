@@ -39,6 +39,7 @@ from tqdm.auto import trange  # noqa: E402
 
 from pyro_ntk import NTKGPRegression  # noqa: E402
 from pyro_ntk.datasets import sample_sine_tasks  # noqa: E402
+from pyro_ntk.demo import run_settings  # noqa: E402
 
 
 def make_network() -> nn.Module:
@@ -95,18 +96,11 @@ def main(
     problems are tiny (10×10 Cholesky, 1,761 parameters) and one thread avoids the
     synchronisation cost of several on a shared CPU.
     """
-    previous = torch.get_num_threads(), torch.get_default_dtype()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
+    with run_settings(num_threads, module_local_params=False):
         return _run(smoke_test, out_dir, seed, progress)
-    finally:
-        torch.set_num_threads(previous[0])
-        torch.set_default_dtype(previous[1])
 
 
 def _run(smoke_test: bool, out_dir: str, seed: int, progress: bool):
-    torch.set_default_dtype(torch.float64)
     torch.manual_seed(seed)
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()

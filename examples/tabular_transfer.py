@@ -48,6 +48,7 @@ from pyro_ntk.demo import (  # noqa: E402
     _last_layer,
     _ntk_gp,
     _rbf_gp,
+    run_settings,
     source_network,
 )
 
@@ -86,16 +87,8 @@ def main(
     synchronisation costs on a shared CPU) and Pyro's module-local parameters (several GP
     models in one process); all are restored afterwards.
     """
-    previous = torch.get_num_threads(), torch.get_default_dtype()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    torch.set_default_dtype(torch.float64)
-    try:
-        with pyro.settings.context(module_local_params=True):
-            return _run(smoke_test, out_dir, seeds, num_target, progress)
-    finally:
-        torch.set_num_threads(previous[0])
-        torch.set_default_dtype(previous[1])
+    with run_settings(num_threads):
+        return _run(smoke_test, out_dir, seeds, num_target, progress)
 
 
 def _run(smoke_test: bool, out_dir: str, seeds: int, num_target: int, progress: bool):

@@ -53,6 +53,7 @@ from pyro_ntk.demo.config import ClassificationResult as ClassificationResult
 from pyro_ntk.demo.config import Data as Data
 from pyro_ntk.demo.config import DemoConfig as DemoConfig
 from pyro_ntk.demo.config import Result as Result
+from pyro_ntk.demo.config import run_settings as run_settings
 from pyro_ntk.demo.methods import _fine_tune as _fine_tune
 from pyro_ntk.demo.methods import _last_layer as _last_layer
 from pyro_ntk.demo.methods import _ntk_gp as _ntk_gp
@@ -82,6 +83,7 @@ __all__ = [
     "gaussian_scores",
     "make_network",
     "run_demo",
+    "run_settings",
     "source_network",
     "train_mse",
 ]

@@ -1,8 +1,9 @@
-"""The demo's configuration and its records: options, one transfer problem, one scored method."""
+"""The demo's configuration and its records: options, run settings, a problem, a scored method."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -134,3 +135,37 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"demo: --device {name!r} requested, but CUDA is not available here.")
     return device
+
+
+@contextlib.contextmanager
+def run_settings(
+    num_threads: int | None = 1, *, module_local_params: bool = True
+) -> Iterator[None]:
+    """float64 by default, ``num_threads`` intra-op threads and Pyro's module-local parameters.
+
+    The settings of the demo, the examples and the transfer benchmark: tiny networks, where
+    one thread avoids thread start-up and spin-wait costs on a shared CPU, and several GP
+    models in one process, which module-local parameters keep apart. Everything is restored
+    on exit.
+
+    Args:
+        num_threads: ``torch.set_num_threads`` for the run (``None``: leave it).
+        module_local_params: ``pyro.settings`` ``module_local_params`` for the run.
+
+    Example:
+        >>> with run_settings():
+        ...     torch.zeros(1).dtype
+        torch.float64
+    """
+    import pyro
+
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    torch.set_default_dtype(torch.float64)
+    try:
+        with pyro.settings.context(module_local_params=module_local_params):
+            yield
+    finally:
+        torch.set_default_dtype(dtype)
+        torch.set_num_threads(threads)

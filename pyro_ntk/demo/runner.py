@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from pyro_ntk.demo.classification import classification_methods
-from pyro_ntk.demo.config import TASKS, Data, DemoConfig, resolve_device
+from pyro_ntk.demo.config import TASKS, Data, DemoConfig, resolve_device, run_settings
 from pyro_ntk.demo.methods import REGRESSION_METHODS, _source_only
 from pyro_ntk.demo.report import format_table, plot_bands, plot_reliability
 from pyro_ntk.demo.tasks import load_task, to_device
@@ -35,24 +35,15 @@ def run_demo(cfg: DemoConfig) -> dict:
     Raises:
         ValueError: an unknown task, a bad device or a bad number of target points.
     """
-    import pyro
-
     if cfg.task not in TASKS:
         raise ValueError(f"demo: --task must be one of {list(TASKS)}, got {cfg.task!r}.")
     if cfg.num_target < 1:
         raise ValueError(f"demo: --num-target must be >= 1, got {cfg.num_target}.")
     device = resolve_device(cfg.device)
-    previous, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
     # The networks are tiny: one thread avoids thread start-up and spin-wait costs that, on
     # a busy machine, made each training step 10-100x slower than its arithmetic.
-    torch.set_num_threads(1)
-    try:
-        with pyro.settings.context(module_local_params=True):
-            return _run(cfg, device)
-    finally:
-        torch.set_default_dtype(previous)
-        torch.set_num_threads(threads)
+    with run_settings(num_threads=1):
+        return _run(cfg, device)
 
 
 def _run(cfg: DemoConfig, device: torch.device) -> dict:
