@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pyro_ntk.datasets import sample_sine_tasks
+from pyro_ntk.demo import make_network
 from pyro_ntk.distributed import (
     ShardedLinearization,
     ShardedNTKRegression,
@@ -37,16 +38,10 @@ from pyro_ntk.distributed import (
 )
 
 
-def make_network() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(1, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 1)
-    ).double()
-
-
 def train_source_network(comm, steps: int, seed: int) -> nn.Module:
     """Rank 0 trains on the source task and broadcasts the weights (θ* must agree)."""
     torch.manual_seed(seed)
-    net = make_network()
+    net = make_network("sine", 1).double()  # 1-40-40-1 tanh MLP
     if comm.rank == 0:
         source = sample_sine_tasks(2, seed=seed)[0]
         X, y = source.sample(500, seed=seed + 1, dtype=torch.float64)

@@ -42,16 +42,10 @@ from tqdm.auto import trange  # noqa: E402
 
 from pyro_ntk import NTKGPRegression  # noqa: E402
 from pyro_ntk.datasets import SineTask  # noqa: E402
-from pyro_ntk.demo import run_settings  # noqa: E402
+from pyro_ntk.demo import make_network, run_settings  # noqa: E402
 
 WARP = (1.2, 0.3)  # y = f(1.2 x + 0.3; θ*): a mild warp, inside the linear regime
 LAYER_NAMES = {"0": "layer 1 (1→40)", "2": "layer 2 (40→40)", "4": "layer 3 (40→1)"}
-
-
-def make_network() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(1, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 1)
-    )
 
 
 def train_network(net: nn.Module, X: torch.Tensor, y: torch.Tensor, steps: int, lr: float):
@@ -116,7 +110,7 @@ def _run(smoke_test: bool, out_dir: str, seed: int, progress: bool):
 
     source = SineTask(amplitude=1.0, phase=0.0)
     Xs, ys = source.sample(n_source, seed=seed + 1)
-    net = make_network()
+    net = make_network("sine", 1)  # 1-40-40-1 tanh MLP
     source_mse = train_network(net, Xs, ys, source_steps, lr=1e-2)
     print(f"source network: y = sin(x), {n_source} points, training MSE {source_mse:.2e}")
 

@@ -42,15 +42,9 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from pyro_ntk import NTKGPRegression  # noqa: E402
 from pyro_ntk.datasets import SineTask  # noqa: E402
-from pyro_ntk.demo import run_settings  # noqa: E402
+from pyro_ntk.demo import make_network, run_settings  # noqa: E402
 
 PHASES = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0)
-
-
-def make_network() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(1, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 1)
-    )
 
 
 def train_network(net: nn.Module, X: torch.Tensor, y: torch.Tensor, steps: int, lr: float):
@@ -107,7 +101,7 @@ def _run(smoke_test: bool, out_dir: str, seed: int, progress: bool):
     phases = (0.25, 1.0) if smoke_test else PHASES
 
     Xs, ys = SineTask(1.0, 0.0).sample(n_source, seed=seed + 1)
-    net = make_network()
+    net = make_network("sine", 1)  # 1-40-40-1 tanh MLP
     source_mse = train_network(net, Xs, ys, source_steps, lr=1e-2)
     theta = parameters_to_vector(net.parameters()).detach()
     print(

@@ -39,13 +39,7 @@ from tqdm.auto import trange  # noqa: E402
 
 from pyro_ntk import NTKGPRegression  # noqa: E402
 from pyro_ntk.datasets import sample_sine_tasks  # noqa: E402
-from pyro_ntk.demo import run_settings  # noqa: E402
-
-
-def make_network() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(1, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 1)
-    )
+from pyro_ntk.demo import make_network, run_settings  # noqa: E402
 
 
 def train_network(net: nn.Module, X: torch.Tensor, y: torch.Tensor, steps: int, lr: float):
@@ -114,7 +108,7 @@ def _run(smoke_test: bool, out_dir: str, seed: int, progress: bool):
     Xa, ya = target_task.sample(n_adapt, seed=seed + 2)
     Xt, yt = target_task.sample(n_test, seed=seed + 3)
 
-    net = make_network()
+    net = make_network("sine", 1)  # 1-40-40-1 tanh MLP
     source_mse = train_network(net, Xs, ys, source_steps, lr=1e-2)
 
     # --- NTK-GP adaptation (the network itself is never trained here)
