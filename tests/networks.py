@@ -82,6 +82,17 @@ CASES: list[Case] = [
 CASE_IDS = [c.name for c in CASES]
 
 
+def group_scale(net: nn.Module, values: torch.Tensor) -> torch.Tensor:
+    """Per-parameter σ² from per-layer values (groups = owning modules, in order)."""
+    layers, out = [], []
+    for name, p in net.named_parameters():
+        layer = name.rsplit(".", 1)[0]
+        if layer not in layers:
+            layers.append(layer)
+        out.append(values[layers.index(layer)].expand(p.numel()))
+    return torch.cat(out)
+
+
 def snapshot(net: nn.Module) -> dict:
     """Everything about a network that pyro_ntk must leave bitwise unchanged."""
     return {

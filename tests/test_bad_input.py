@@ -14,20 +14,11 @@ Decisions recorded here (and in the docstrings):
 
 from __future__ import annotations
 
-import pyro
 import pytest
 import torch
 from torch import nn
 
 import pyro_ntk
-
-
-@pytest.fixture(autouse=True)
-def _fresh_param_store():
-    # Pyro's param store is global and keyed by name: start and end every test empty
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
 
 
 class _Argmax(nn.Module):

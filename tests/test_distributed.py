@@ -197,6 +197,11 @@ def _worker(scenario: str, rank: int, world: int, rendezvous: str, out: str) -> 
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     print(f"rank {rank}: process group destroyed", flush=True)
+    # Skip the interpreter's teardown of torch's C++ state. In a few full-suite runs a rank
+    # aborted ("terminate called without an active exception", exit -6; not reproduced
+    # alone, place unknown); if that is teardown, this avoids it, and a crash before this
+    # line still fails the test. Everything the test checks is written and flushed above.
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------------- the parent

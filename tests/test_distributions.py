@@ -8,7 +8,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from networks import assert_unchanged, snapshot
+from networks import assert_unchanged, group_scale, snapshot
 from pyro import poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO
 from torch import nn
@@ -17,29 +17,8 @@ from pyro_ntk import Linearization, LinearizedNetwork
 from pyro_ntk.testing import reference_ntk, reference_output
 
 
-@pytest.fixture(autouse=True)
-def _fresh_param_store():
-    pyro.clear_param_store()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny problems: one thread avoids sync overhead on a shared CPU
-    yield
-    torch.set_num_threads(threads)
-    pyro.clear_param_store()
-
-
 def mlp(d_in=2, width=6, d_out=2):
     return nn.Sequential(nn.Linear(d_in, width), nn.Tanh(), nn.Linear(width, d_out))
-
-
-def group_scale(net, values):
-    """Per-parameter σ² from per-layer values (groups = owning modules, in order)."""
-    layers, out = [], []
-    for name, p in net.named_parameters():
-        layer = name.rsplit(".", 1)[0]
-        if layer not in layers:
-            layers.append(layer)
-        out.append(values[layers.index(layer)].expand(p.numel()))
-    return torch.cat(out)
 
 
 def reference_log_prob(net, X, value, scale, diag, mean=None):

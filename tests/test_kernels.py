@@ -17,14 +17,6 @@ from pyro_ntk.testing import reference_jacobian, reference_ntk, reference_output
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_param_store():
-    # Top-level PyroModules share names ("variance") in Pyro's global param store.
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-
-
 def mlp(d_in=2, width=16, d_out=1, act=nn.Tanh):
     return nn.Sequential(nn.Linear(d_in, width), act(), nn.Linear(width, d_out))
 

@@ -37,14 +37,6 @@ EXCLUDED = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _fresh_param_store():
-    # Pyro's param store is global and keyed by name: start and end every test empty
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-
-
 def make_network(d_out: int = 1) -> tuple[nn.Module, list]:
     """A train-mode network with Dropout, BatchNorm, user hooks and a stale ``.grad``."""
     net = nn.Sequential(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-import pyro
 import pytest
 import torch
 from linear_operator.utils.warnings import NumericalWarning
@@ -12,14 +11,6 @@ from torch import nn
 
 import pyro_ntk
 from pyro_ntk.solvers import cholesky_with_jitter
-
-
-@pytest.fixture(autouse=True)
-def _fresh_param_store():
-    # Pyro's param store is global and keyed by name: start and end every test empty
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
 
 
 def _singular_ntk():

@@ -33,14 +33,6 @@ from torch import nn
 import pyro_ntk
 
 
-@pytest.fixture(autouse=True)
-def _fresh_param_store():
-    # Pyro's param store is global and keyed by name: start and end every test empty
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-
-
 def _net(d_out: int = 1, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, d_out))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pyro
 import pytest
 import torch
 from networks import assert_unchanged, snapshot
@@ -10,13 +9,6 @@ from pyro.contrib.gp.util import train
 from torch import nn
 
 from pyro_ntk.models.classification import gp_class_probabilities, ntk_gp_classifier
-
-
-@pytest.fixture(autouse=True)
-def _clean_param_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
 
 
 def _blobs(n, num_classes, seed):

@@ -19,13 +19,6 @@ from pyro_ntk.models import LinearizedModel
 from pyro_ntk.testing import reference_jacobian, reference_output
 
 
-@pytest.fixture(autouse=True)
-def _clean_param_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-
-
 def _reference_linearized(net, X, delta, params=None):
     J = reference_jacobian(net, X, params)  # (N, O, P)
     return reference_output(net, X) + torch.einsum("nop,...p->...no", J, delta)
