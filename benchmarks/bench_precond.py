@@ -48,25 +48,24 @@ from pyro_ntk.solvers import conjugate_gradient
 TRAIN_ROWS = 10_000
 
 # Fisher variants compared (rank k each; p = oversampling, q = power iterations)
-FISHER_VARIANTS = {
+# the randomized range finder on every parameter (kronecker=False), as in sessions 1–2
+RANGE_FINDERS = {
     "range finder, Ω in R^P": dict(sketch="parameter", power_iterations=0, oversampling=0),
-    "range finder, p=100": dict(sketch="parameter", power_iterations=0, oversampling=100),
-    "function sketch, q=1": dict(sketch="function", power_iterations=1, oversampling=0),
     "function sketch, q=1, p=50, all inputs": dict(
-        sketch="function", power_iterations=1, oversampling=50
+        sketch="function", power_iterations=1, oversampling=50, subsample=None
     ),
-    "function sketch, q=2": dict(sketch="function", power_iterations=2, oversampling=0),
-    "range finder, q=1": dict(sketch="parameter", power_iterations=1, oversampling=0),
-    "range finder, q=1, p=50": dict(sketch="parameter", power_iterations=1, oversampling=50),
+    "function sketch, q=1, p=50, subsample='auto' (half)": dict(subsample="auto"),
+    "function sketch, q=1, p=50, subsample=2000": dict(subsample=2000),
     "range finder + diag. corr.": dict(
         sketch="parameter", power_iterations=0, oversampling=0, diagonal_correction=True
     ),
 }
-# every variant above sketches all inputs; the default (function sketch, q=1, p=k/2) runs
-# its range finder on half of them, and a 2000-input subset is the cheapest single solve
-FISHER_VARIANTS = {name: {**opts, "subsample": None} for name, opts in FISHER_VARIANTS.items()}
-FISHER_VARIANTS["default: q=1, p=50, subsample='auto' (half)"] = {}
-FISHER_VARIANTS["q=1, p=50, subsample=2000"] = dict(subsample=2000)
+FISHER_VARIANTS = {
+    name: {"subsample": None, **opts, "kronecker": False} for name, opts in RANGE_FINDERS.items()
+}
+# the default: Kronecker (EKFAC) candidates, Rayleigh–Ritz on the exact Fisher
+FISHER_VARIANTS["default: Kronecker, pool max(5k, 500)"] = {}
+FISHER_VARIANTS["Kronecker pool 300"] = dict(pool=300)
 
 
 # ---------------------------------------------------------------------------- data and network

@@ -35,39 +35,29 @@ from pyro_ntk.solvers import conjugate_gradient  # noqa: E402
 def variants(k: int):
     half = k // 2
     yield "Nyström on K", lambda lin, X: NystromPreconditioner(lin, X, rank=k)
-    for sketch, q, p in [
-        ("function", 0, 0),
-        ("function", 0, half),
-        ("function", 0, k),
-        ("parameter", 0, 0),
-        ("parameter", 0, half),
-        ("function", 1, 0),
-        ("function", 1, half),
-    ]:
-        yield (
-            f"Fisher {sketch} sketch q={q} p={p}, all inputs",
-            lambda lin, X, sketch=sketch, q=q, p=p: FisherPreconditioner(
-                lin, X, rank=k, sketch=sketch, power_iterations=q, oversampling=p, subsample=None
-            ),
-        )
-    # the range finder on a random subset of the inputs; only k columns go through all N
     yield (
-        "Fisher default (q=1 p=k/2, subsample='auto': half)",
+        "Fisher default (Kronecker pool max(5k, 500) + range finder on the rest)",
         lambda lin, X: FisherPreconditioner(lin, X, rank=k),
     )
+    for pool in (2 * k, 3 * k, 10 * k):
+        yield (
+            f"Fisher Kronecker pool {pool}",
+            lambda lin, X, pool=pool: FisherPreconditioner(lin, X, rank=k, pool=pool),
+        )
+    # the randomized range finder on every parameter (kronecker=False)
     for sketch, q, p, sub in [
-        ("function", 1, half, 2000),
-        ("function", 1, half, 1 / 4),
+        ("function", 0, 0, None),
+        ("function", 1, half, None),
+        ("function", 1, half, "auto"),
         ("function", 1, half, 1 / 8),
-        ("function", 2, half, 1 / 8),
-        ("parameter", 1, half, 1 / 8),
     ]:
         yield (
-            f"Fisher {sketch} sketch q={q} p={p} subsample {sub:g}",
+            f"range finder {sketch} q={q} p={p} subsample {sub}",
             lambda lin, X, sketch=sketch, q=q, p=p, sub=sub: FisherPreconditioner(
-                lin, X, rank=k, sketch=sketch, power_iterations=q, oversampling=p, subsample=sub
+                lin, X, rank=k, sketch=sketch, power_iterations=q, oversampling=p,
+                subsample=sub, kronecker=False,
             ),
-        )
+        )  # fmt: skip
 
 
 def main(argv=None):

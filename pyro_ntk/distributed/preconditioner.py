@@ -149,7 +149,7 @@ class ShardedFisherPreconditioner(FisherPreconditioner):
         seed: sketch seed.
         **options: as :class:`~pyro_ntk.FisherPreconditioner` (``oversampling``,
             ``power_iterations``, ``sketch``, ``diagonal_correction``, ``variance``,
-            ``rebuild_factor``).
+            ``rebuild_factor``); always the range finder (``kronecker=False``).
 
     Cost: as the single-process preconditioner, split over ranks, plus one all-reduce of
     ``P·m`` numbers per VJP of the sketch, one of ``m²`` for the Gram matrix and one
@@ -183,7 +183,14 @@ class ShardedFisherPreconditioner(FisherPreconditioner):
                 "ShardedFisherPreconditioner: subsample is not supported on sharded data (each "
                 f"rank's rows are already a shard), got subsample={options['subsample']!r}."
             )
+        if options.get("kronecker", False):
+            raise ValueError(
+                "ShardedFisherPreconditioner: kronecker=True is not supported on sharded data "
+                "(the Kronecker factors' Gram matrices are not reduced across ranks); the range "
+                "finder is used."
+            )
         options["subsample"] = None  # every rank sketches all of its rows
+        options["kronecker"] = False
         super().__init__(linearization, X, rank=rank, seed=seed, **options)
         self.comm = linearization.comm
         self.global_size = self.comm.sum_int(self.size)

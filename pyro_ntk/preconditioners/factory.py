@@ -57,9 +57,10 @@ def make_preconditioner(
 
     Lazily: the sketch is taken on first use and then reused for every σ² and s².
 
-    ``"auto"`` is ``"fisher"`` with its defaults (function sketch, one power iteration,
-    oversampling ``k // 2``: the fewest iterations per build in ``benchmarks/RESULTS.md``);
-    ``None`` is no preconditioner.
+    ``"auto"`` is ``"fisher"`` with its defaults (Kronecker eigen-directions for the linear
+    layers the structured engine factors, a range finder for the other parameters: the
+    fewest iterations for the least set-up in ``benchmarks/RESULTS.md``); ``None`` is no
+    preconditioner.
 
     Args:
         kind: ``"auto"``, ``"fisher"``, ``"nystrom"``, ``"pivoted_cholesky"`` or ``None``.

@@ -1,9 +1,9 @@
-r"""The Fisher preconditioner: a randomized range finder on Fisher-vector products.
+r"""The Fisher preconditioner: Kronecker eigen-directions and a range finder on Fisher products.
 
 .. math::
 
-    F_S = S^{1/2} J^\top J S^{1/2},\quad Q = \mathrm{orth}(F_S^{\,q+1} \Omega),\quad
-    L = J S^{1/2} Q = U \Sigma V^\top,\quad K \approx U \Sigma^2 U^\top
+    Q = [\,Q_\otimes,\ Q_{\mathrm{rf}}\,],\quad C = J S^{1/2} Q,\quad
+    C^\top C = V \Lambda V^\top,\quad K \approx C V_k V_k^\top C^\top = U \operatorname{diag}(d) U^\top
 """
 
 from __future__ import annotations
@@ -13,66 +13,92 @@ import math
 import torch
 from torch import Tensor
 
-from pyro_ntk._checks import check_nonnegative_int
+from pyro_ntk._checks import check_nonnegative_int, check_positive_int
 from pyro_ntk.linearization import Linearization
 from pyro_ntk.preconditioners.base import Preconditioner
+from pyro_ntk.preconditioners.kronecker import kronecker_columns, top_eigenpairs
 
-__all__ = ["AUTO_SUBSAMPLE_ROWS", "FisherPreconditioner"]
+__all__ = ["AUTO_SUBSAMPLE_ROWS", "KRONECKER_MIN_POOL", "KRONECKER_POOL", "FisherPreconditioner"]
 
 AUTO_SUBSAMPLE_ROWS = 4
 """``subsample="auto"`` keeps at least this many rows of ``J`` per sketch column."""
 
+KRONECKER_POOL = 5
+"""``pool=None`` keeps ``max(KRONECKER_POOL · k, KRONECKER_MIN_POOL)`` Kronecker directions."""
+
+KRONECKER_MIN_POOL = 500
+
 
 class FisherPreconditioner(Preconditioner):
-    r"""Fisher-vector-product range finder, mapped to function space.
+    r"""Top of the Fisher ``F = S^{1/2} JᵀJ S^{1/2}``, mapped to function space (rank ``k``).
 
     .. math::
-        F_S = S^{1/2} J^\top J S^{1/2},\quad Y = F_S^{\,q+1} \Omega,\quad Q = \mathrm{orth}(Y),
-        \quad L = J S^{1/2} Q = U \Sigma V^\top,\quad K \approx L L^\top = U \Sigma^2 U^\top
+        C = J S^{1/2} [\,Q_\otimes,\ Q_{\mathrm{rf}}\,],\qquad
+        C^\top C = V \Lambda V^\top,\qquad
+        K \approx C V_k V_k^\top C^\top = U \operatorname{diag}(d)\, U^\top \preceq K
 
-    ``Ω`` is Gaussian ``(P, k + p)`` (``sketch="parameter"``), or ``Ω = S^{1/2} Jᵀ G`` with
-    ``G`` Gaussian ``(n, k + p)`` (``sketch="function"``: half a product cheaper; with
-    ``q = 0`` it equals Nyström on ``K`` in exact arithmetic, computed without inverting the
-    Nyström core). The top ``k`` pairs are kept. ``diagonal_correction=True`` adds
-    ``r = diag(K) − diag(L Lᵀ)`` to the noise (one exact ``diag K``).
+    Two sources of orthonormal parameter directions, on disjoint parameters:
 
-    Cost (K·v-equivalents): ``(k + p)·(q + 1.5)`` (parameter sketch) or ``(k + p)·(q + 1)``
-    (function sketch), all in batched products; memory ``O((P + n)(k + p))``.
+    * ``Q_⊗`` (``kronecker=True``, the default): for the ``nn.Linear`` layers the
+      structured engine factors, the ``pool`` K-FAC eigen-directions ``u_i ⊗ w_j`` with
+      the largest exact Rayleigh quotients ``‖J S^{1/2}(u_i ⊗ w_j)‖²``. Each reaches
+      function space as an elementwise product of two vectors the engine already holds
+      (:func:`~pyro_ntk.preconditioners.kronecker.kronecker_columns`), so this part costs
+      no Jacobian products.
+    * ``Q_rf``: for every other linearized parameter (convolutions, normalization layers,
+      any parameter when the engine is not the structured one, or all of them with
+      ``kronecker=False``), a randomized range finder ``Q = orth(F_S^{q+1} Ω)`` on those
+      parameters. ``Ω`` is Gaussian ``(P, k + p)`` (``sketch="parameter"``), or
+      ``Ω = S^{1/2} Jᵀ G`` with ``G`` Gaussian ``(n, k + p)`` (``sketch="function"``: half
+      a product cheaper; with ``q = 0`` it equals Nyström on ``K``). ``F_S`` may be the
+      Fisher of a random subset of the inputs (``subsample``).
 
-    **Defaults** (function sketch, ``q = 1``, ``p = k // 2``, ``subsample="auto"``) were chosen
-    with ``benchmarks/bench_precond.py`` and ``bench_precond_variants.py`` (trained
-    26-128-128-1 tanh MLP, P = 20,097, N = 5000 and 20,000, s² = 1e-2 and 1e-3 × mean diag K,
-    CG to 1e-4; ``benchmarks/RESULTS.md``): 0.63–0.73× the iterations of gpytorch's pivoted
-    Cholesky at equal rank k = 100 and 13–16× fewer than no preconditioner, against
-    0.74–0.82× for the plain range finder (``sketch="parameter", power_iterations=0,
-    oversampling=0``). Oversampling gave the largest gain; a second power iteration less;
-    running the range finder on half of the inputs (``"auto"``) kept the iterations (20 / 62
-    / 37 / 115 against 19 / 59 / 37 / 113 on all of them) for two thirds of the set-up
-    products (200 against 300); the diagonal correction *raised* iterations (e.g. 312
-    against 132 at N = 20,000, s² = 1e-3 m̄) because it inflates the preconditioner's small
-    eigenvalues beyond ``s²``, so it is off by default.
+    A Rayleigh–Ritz step on the exact Fisher restricted to ``span Q``
+    (:func:`~pyro_ntk.preconditioners.kronecker.top_eigenpairs`) keeps the best ``k``
+    directions; since ``Q`` is orthonormal, ``C V_k V_kᵀ Cᵀ ≼ K``.
+    ``diagonal_correction=True`` adds ``r = diag(K) − diag(U diag(d) Uᵀ)`` to the noise.
+
+    Cost (K·v-equivalents, ``products``): the Kronecker part ``(1 + O)/2`` for the engine's
+    factor pass (one forward and ``O`` backward passes, cached and reused by every later
+    product), then ``O(n·(d_in² + d_out²))`` per layer and ``O(n·m²)`` for the
+    Rayleigh–Ritz step (``m`` = pool + range-finder columns), no Jacobian products; the
+    range finder ``(k + p)(q + 1)·n_s/N + k/2`` (function sketch on ``n_s`` of ``N``
+    inputs). Memory ``O((P + n)(k + p) + n·m)``.
+
+    **Defaults, measured** (``benchmarks/bench_precond.py``, trained 26-128-128-1 tanh MLP
+    on ``diamonds``, P = 20,097, N = 5000, s² = 1e-2 / 1e-3 × mean diag K, CG to 1e-4,
+    k = 100, ``benchmarks/RESULTS.md``): the Kronecker pool (``max(5k, 500)``) takes 20 / 62
+    iterations — the exact top-100 eigenvectors of ``K`` take 19 / 59, gpytorch's pivoted
+    Cholesky 30 / 87, Nyström 28 / 81, the range finder (q = 1, p = k/2, half the inputs)
+    20 / 62 — for a set-up of about 12 K·v in seconds against 80–170 for the others.
+    Three more trained MLPs on the same data (ReLU, under-trained, narrower; N = 3000,
+    ``bench_precond_networks.py``) took 0–8 % more iterations than the exact top 100 and
+    fewer than the range finder.
+    Its weak case: a small, briefly trained MLP (sklearn's diabetes, P = 889, k = 20) took
+    184 iterations against the range finder's 165 and the exact eigenvectors' 156; use
+    ``kronecker=False`` there. The diagonal correction *raised* iterations on every problem
+    measured (it inflates the preconditioner's small eigenvalues beyond ``s²``), so it is off.
 
     Args:
         linearization: the :class:`pyro_ntk.Linearization`.
         X: inputs ``(N, ...)``.
         rank: ``k``.
         seed: sketch seed.
-        oversampling: ``p`` (``None``: ``k // 2``).
-        power_iterations: ``q``.
-        sketch: ``"function"`` or ``"parameter"``.
+        oversampling: ``p`` of the range finder (``None``: ``k // 2``).
+        power_iterations: ``q`` of the range finder.
+        sketch: ``"function"`` or ``"parameter"`` (range finder).
         diagonal_correction: add the residual diagonal.
         variance: reference σ² (scalar or ``(G,)``; ``None``: ones).
         rebuild_factor: see the module docstring.
-        subsample: run the sketch and the power iterations on a seeded random subset of the
-            inputs, keep that subset Fisher's top ``k`` directions, and map only those ``k``
-            columns through all ``N`` inputs: cost ``(k + p)(q + 1)·n_s/N + k/2``
-            K·v-equivalents instead of ``(k + p)(q + 1)``. An ``int`` count, a fraction in
-            ``(0, 1]``, ``None`` (all inputs) or ``"auto"``: half of the inputs, but at least
-            ``4(k + p)`` rows of ``J`` (so small problems use all of them). A small subset
-            is the cheapest single solve: 2000 of 20,000 inputs cost 80 set-up products
-            against Nyström's 100 and took 41 / 129 iterations against its 52 / 155
-            (s² = 1e-2 / 1e-3 m̄); the default's larger subset pays off when the
-            preconditioner is reused across a fit.
+        subsample: run the range finder's sketch and power iterations on a seeded random
+            subset of the inputs, keep that subset Fisher's top ``k`` directions, and map
+            only those ``k`` columns through all ``N`` inputs. An ``int`` count, a fraction
+            in ``(0, 1]``, ``None`` (all inputs) or ``"auto"``: half of the inputs, but at
+            least ``4(k + p)`` rows of ``J`` (so small problems use all of them).
+        kronecker: take the Kronecker eigen-directions for the layers the structured engine
+            factors (``False``: the range finder for every parameter).
+        pool: number of Kronecker directions kept for the Rayleigh–Ritz step (``None``:
+            ``max(5k, 500)``).
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
@@ -100,6 +126,8 @@ class FisherPreconditioner(Preconditioner):
         variance: Tensor | float | None = None,
         rebuild_factor: float = 2.0,
         subsample: int | float | str | None = "auto",
+        kronecker: bool = True,
+        pool: int | None = None,
     ):
         where = "FisherPreconditioner"
         if subsample not in (None, "auto") and not (
@@ -111,6 +139,10 @@ class FisherPreconditioner(Preconditioner):
                 f"fraction in (0, 1], got {subsample!r}."
             )
         self.subsample = subsample
+        self.kronecker = bool(kronecker)
+        if pool is not None:
+            check_positive_int(where, "pool", pool)
+        self.pool = pool
         if oversampling is None:
             oversampling = rank // 2 if isinstance(rank, int) else 0
         check_nonnegative_int(where, "oversampling", oversampling)
@@ -150,14 +182,41 @@ class FisherPreconditioner(Preconditioner):
 
     def _build(self, ref: Tensor) -> tuple[Tensor, Tensor, Tensor | None, float]:
         lin, X = self.linearization, self.X
-        P, n = lin.num_params, self.size
+        s = s0 = self._sqrt_scale(ref)
+        columns, products, mask = [], 0.0, None
+        if self.kronecker:
+            pool = self.pool or max(KRONECKER_POOL * self.rank, KRONECKER_MIN_POOL)
+            kron = kronecker_columns(lin, X, s, pool)
+            if kron is not None:
+                columns.append(kron.columns)
+                products += kron.products
+                mask = ~kron.covered
+        if mask is None or bool(mask.any()):
+            # the range finder on the parameters the Kronecker directions do not cover
+            if mask is not None:
+                s = (torch.ones(lin.num_params, dtype=lin.dtype, device=lin.device)
+                     if s is None else s) * mask  # fmt: skip
+            L, sketched = self._range_finder(s, None if mask is None else int(mask.sum()))
+            columns.append(L)
+            products += sketched
+        U, d = top_eigenpairs(torch.cat(columns, 1), self.rank)
+        residual = None
+        if self.diagonal_correction:
+            diagK = lin.ntk_diag(X, None if s0 is None else ref)
+            residual = diagK - (U.square() * d).sum(-1)
+        return U, d, residual, products
+
+    def _range_finder(self, s: Tensor | None, P: int | None) -> tuple[Tensor, float]:
+        """``L = J S^{1/2} Q`` (``(n, ≤ k + p)``) and its K·v-equivalents; ``P``: live params."""
+        lin, X = self.linearization, self.X
+        P = lin.num_params if P is None else P
+        n = self.size
         N, O = X.shape[0], n // X.shape[0]
         rows = self._sketch_rows(N, O)
         Xs = X if rows is None else X[rows]
         ns = Xs.shape[0] * O
         frac = ns / n  # a product over the subset costs this share of a full one
         m = min(self.rank + self.oversampling, P, ns)
-        s = self._sqrt_scale(ref)
 
         def J(V: Tensor, X: Tensor = X) -> Tensor:  # (P, m) → (rows·O, m)
             return lin.jvp(X, V if s is None else s.unsqueeze(-1) * V).reshape(-1, V.shape[1])
@@ -169,7 +228,9 @@ class FisherPreconditioner(Preconditioner):
         gen = torch.Generator(device=lin.device).manual_seed(self.seed)
         products = 0.0
         if self.sketch == "parameter":
-            Omega = torch.randn(P, m, generator=gen, dtype=lin.dtype, device=lin.device)
+            Omega = torch.randn(
+                lin.num_params, m, generator=gen, dtype=lin.dtype, device=lin.device
+            )
             Y = JT(J(Omega, Xs), Xs)  # F_S Ω (on the subset's rows)
             products += m * frac
         else:
@@ -190,10 +251,4 @@ class FisherPreconditioner(Preconditioner):
             Q = Q @ Vh[:k].mT
         L = J(Q)  # (n, m): L Lᵀ = J S^{1/2} Q Qᵀ S^{1/2} Jᵀ ≼ K
         products += 0.5 * Q.shape[1]
-        U, S, _ = torch.linalg.svd(L, full_matrices=False)
-        U, d = U[:, :k], S[:k].square()
-        residual = None
-        if self.diagonal_correction:
-            diagK = lin.ntk_diag(X, None if s is None else ref)
-            residual = diagK - (U.square() * d).sum(-1)
-        return U, d, residual, products
+        return L, products
