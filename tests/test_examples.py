@@ -40,6 +40,7 @@ def test_digits_transfer_smoke(tmp_path, capsys):
         assert 0 <= accuracy <= 1 and math.isfinite(nll) and 0 <= ece <= 1 and seconds > 0
     printed = capsys.readouterr().out
     assert "lin. Laplace" in printed and "fine-tuning" in printed
+    assert "tempered Laplace" in printed and "T (CV) =" in printed
 
 
 def test_tabular_transfer_smoke(tmp_path, capsys):

@@ -110,14 +110,19 @@ class _KernelMAP:
                 break
         return a
 
-    def evidence(self, var: Tensor, a: Tensor) -> Tensor:
-        """Laplace evidence at σ² = ``var``, differentiable in ``var`` (``a`` from :meth:`solve`)."""
+    def evidence(self, var: Tensor, a: Tensor, temperature: float = 1.0) -> Tensor:
+        """Laplace evidence at σ² = ``var``, differentiable in ``var`` (``a`` from :meth:`solve`).
+
+        With a ``temperature`` ``T``, ``var`` is the MAP's prior variance ``σ²/T`` and the
+        result is the tempered normaliser ``Ψ(a*)/T − ½ log det(I + Lᵀ K L)``
+        (``Ψ/T = log p(y|δ*)/T − ½ (δ* − m)ᵀ D (δ* − m)`` at σ²).
+        """
         K = self.kernel(var)
         a = self._newton(K, a.detach())
         psi, f = self._psi(K, a)
         L = self._root(f)
         A = torch.eye(len(a), dtype=a.dtype, device=a.device) + L.T @ K @ L
-        return psi - torch.linalg.cholesky((A + A.T) / 2).diagonal().log().sum()
+        return psi / temperature - torch.linalg.cholesky((A + A.T) / 2).diagonal().log().sum()
 
     def delta(self, var: Tensor, a: Tensor) -> Tensor:
         """δ* = m + S² Jᵀ a."""

@@ -27,6 +27,21 @@ matrix-free routes (``method``): ``"dense"`` (``P × P`` Fisher, small ``P``), `
 (the ``N·O × N·O`` Gram ``Lᵀ J S² Jᵀ L``, ``Λ = L Lᵀ``: exact for any ``P`` when ``N·O`` is
 small, e.g. few-shot transfer) and ``"lanczos"`` (``r`` Lanczos steps on the matrix-free
 ``S F S`` from :class:`~pyro_ntk.FisherLinearOperator`).
+
+**Tempered posterior** (``temperature`` ``T``, default 1): ``p_T(δ | y) ∝ p(y | δ)^{1/T} p(δ)``.
+Multiplying its log density by ``T`` shows that its Laplace approximation is the ordinary one
+with prior variance ``σ²/T`` (the MAP δ*_T, and ``S_T = S/√T``) and covariance multiplied by
+``T``:
+
+.. math::
+
+    \Sigma_T = (F/T + D)^{-1} = T\,(F + T D)^{-1}
+        = S\big(I - U\,\mathrm{diag}\tfrac{\lambda}{1+\lambda}\,U^\top\big) S,
+    \qquad S_T F S_T = U \mathrm{diag}(\lambda) U^\top,
+
+so a "cold" posterior (``T < 1``) fits the mean under the wider prior ``σ²/T`` and removes
+more of the prior variance along the directions the data inform (λ grows as ``1/T``); the
+directions they do not inform keep the prior variance σ² (the predictive's ``J S² Jᵀ``).
 """
 
 from __future__ import annotations
@@ -100,6 +115,12 @@ class LinearizedLaplace:
             instead, e.g. ``θ₀`` = source weights with a *zero* head when the head at θ* was
             itself fitted to ``(X, y)`` (a prior centred there would count the data twice).
             When θ* is a MAP of the network under that same prior, δ* = 0.
+        temperature: ``T > 0`` of the tempered posterior ``p(y | δ)^{1/T} p(δ)`` (default 1:
+            the Bayes posterior). Its Laplace approximation is the ordinary one at prior
+            variance ``σ²/T`` with the covariance multiplied by ``T`` (module docstring). It is
+            read by :meth:`fit`: to change it, set ``la.temperature`` and fit again. A
+            temperature is not a property of the model: choose it by held-out likelihood
+            (cross-validation), not by the evidence.
 
     Cost: ``dense`` O(N·O·P² + P³) time, O(P²) memory; ``kernel`` one VJP with ``N·O``
     columns, O((N·O)³ + P·N·O); ``lanczos`` ``r`` Fisher products (JVP + VJP over N each),
@@ -131,6 +152,7 @@ class LinearizedLaplace:
         chunk_size: int | None = None,
         linearization: Linearization | None = None,
         prior_mean: Tensor | None = None,
+        temperature: float = 1.0,
     ):
         where = "LinearizedLaplace"
         if linearization is None:
@@ -163,6 +185,7 @@ class LinearizedLaplace:
                 f"δ = θ − θ*), got shape {tuple(prior_mean.shape)}."
             )
         self.prior_mean = prior_mean.to(linearization.dtype).detach()
+        self.temperature = _check_temperature(where, temperature)
         self.delta: Tensor | None = None
         self._fitted = False
 
@@ -176,6 +199,10 @@ class LinearizedLaplace:
         """S = σ per linearized parameter, shape ``(P,)``."""
         var = self.variance if variance is None else variance
         return self.lin.space.expand_group_values(var).sqrt()
+
+    def _map_std(self, variance: Tensor | None = None) -> Tensor:
+        """S_T = σ/√T, the prior standard deviations of the (tempered) MAP problem, ``(P,)``."""
+        return self.prior_std(variance) / math.sqrt(self.temperature)
 
     def _check_data(self, where: str, X: Tensor, y: object) -> tuple[Tensor, Tensor, int]:
         X = self.lin._check_X(where, "X", X)
@@ -228,6 +255,7 @@ class LinearizedLaplace:
             ``self``.
         """
         where = "LinearizedLaplace.fit"
+        self.temperature = _check_temperature(where, self.temperature)
         X, y, O = self._check_data(where, X, y)
         check_positive_int(where, "num_steps", num_steps)
         check_nonnegative_int(where, "newton_steps", newton_steps)
@@ -245,17 +273,17 @@ class LinearizedLaplace:
         return self
 
     def _newton_step(self, X: Tensor, y: Tensor, seed: int) -> None:
-        """δ ← δ + Σ ∇ log p(y, δ): exact Newton, as F + D is the linear model's Hessian."""
-        S = self.prior_std()
+        """δ ← δ + (F + D_T)⁻¹ ∇ log p(y, δ): exact Newton (F + D_T = Σ_T / T is the Hessian)."""
+        S = self._map_std()
         delta = self.delta.clone().requires_grad_(True)
         f0 = self._f_map - self.lin.jvp(X, self.delta)
         m = self.prior_mean
         before = float(self._loglik - 0.5 * ((self.delta - m) / S).square().sum())
         (g,) = torch.autograd.grad(self._log_joint(f0, X, y, delta, S), delta)
         if self.method_used == "lanczos":  # the eigen-form is truncated: solve exactly by CG
-            step = self.solve(g, tol=1e-10, warn=False)[0]
+            step = self.solve(g, tol=1e-10, warn=False)[0] / self.temperature
         else:
-            step = self._apply_covariance(g)
+            step = self._apply_covariance(g) / self.temperature
         new = self.delta + step
         with torch.no_grad():
             f_map = f0 + self.lin.jvp(X, new)
@@ -265,7 +293,7 @@ class LinearizedLaplace:
             self._posterior(X, seed)
 
     def _apply_covariance(self, v: Tensor) -> Tensor:
-        """Σ v from the eigen-form, ``v`` of shape ``(P,)`` or ``(P, t)``."""
+        """Σ_T v from the eigen-form, ``v`` of shape ``(P,)`` or ``(P, t)``."""
         S = self.prior_std()
         Sm = S if v.dim() == 1 else S[:, None]
         z = Sm * v
@@ -278,7 +306,7 @@ class LinearizedLaplace:
         return Sm * z
 
     def _map(self, X, y, num_steps, optimizer, lr, batch_size, seed) -> None:
-        S = self.prior_std()
+        S = self._map_std()
         start = torch.zeros(self.num_params, dtype=self.lin.dtype, device=self.lin.device)
         delta = (start if self.delta is None else self.delta.clone()).requires_grad_(True)
         f0 = self.lin(X)
@@ -316,8 +344,9 @@ class LinearizedLaplace:
 
     def _map_kernel(self, fs: _KernelMAP, X: Tensor, y: Tensor, max_iter: int) -> None:
         """δ* by Newton's method in function space (exact; ``kernel`` route)."""
-        a = fs.solve(self.variance, max_iter=max_iter)
-        self.delta = fs.delta(self.variance, a)
+        var = self.variance / self.temperature  # the MAP's prior variance σ²/T
+        a = fs.solve(var, max_iter=max_iter)
+        self.delta = fs.delta(var, a)
         with torch.no_grad():
             self._f_map = fs.f0 + (fs.J @ self.delta).reshape(fs.shape)
             self._loglik = _log_likelihood(self.likelihood, self._f_map, y, self.noise)
@@ -341,7 +370,7 @@ class LinearizedLaplace:
     def _posterior(self, X: Tensor, seed: int = 0) -> None:
         N, O = self._f_map.shape
         self.method_used = self._choose_method(N, O)
-        S = self.prior_std()
+        S = self._map_std()  # eigenpairs of S_T F S_T
         if self.method_used == "dense":
             # unscaled F (P, P), kept for evidence optimisation; S F S = U diag(λ) Uᵀ
             self._F = self._fisher(X).to_dense()
@@ -419,7 +448,9 @@ class LinearizedLaplace:
     def solve(
         self, B: Tensor, *, tol: float = 1e-8, max_iter: int = 500, warn: bool = True
     ) -> tuple[Tensor, SolverDiagnostics]:
-        """Σ B = (F + D)⁻¹ B by CG on ``S F S + I``, preconditioned by the kept eigenpairs.
+        """Σ B = (F/T + D)⁻¹ B by CG on ``S_T F S_T + I``, preconditioned by the kept eigenpairs.
+
+        ``Σ_T B = S (S_T F S_T + I)⁻¹ S B`` with ``S_T = S/√T`` (``T = 1``: ``(F + D)⁻¹ B``).
 
         Args:
             B: ``(P,)`` or ``(P, t)``.
@@ -431,13 +462,13 @@ class LinearizedLaplace:
             ``(Σ B, diagnostics)``. Cost: one Fisher product per iteration (matrix-free).
         """
         self._require_fit("LinearizedLaplace.solve")
-        S = self.prior_std()
+        S, St = self.prior_std(), self._map_std()
         F = self._fisher(self._X)
         Sm = S if B.dim() == 1 else S[:, None]
         pre = EigenPreconditioner(self._U, self._lam)
         Z, diag = solve_damped(
-            lambda V: S[:, None] * F._matmul(S[:, None] * V) if V.dim() == 2
-            else S * F._matmul(S * V),
+            lambda V: St[:, None] * F._matmul(St[:, None] * V) if V.dim() == 2
+            else St * F._matmul(St * V),
             Sm * B, 1.0, preconditioner=pre, tol=tol, max_iter=max_iter, warn=warn,
         )  # fmt: skip
         return Sm * Z, diag
@@ -559,6 +590,10 @@ class LinearizedLaplace:
         .. math:: \log p(y) \approx \log p(y\mid\delta^*) - \tfrac12 (\delta^* - m)^{\top} D
             (\delta^* - m) - \tfrac12 \log\det(I + S F S)
 
+        With a temperature ``T ≠ 1`` it is the Laplace approximation of the tempered
+        posterior's normaliser ``log ∫ p(y | δ)^{1/T} p(δ) dδ``: ``log p(y | δ*)/T −
+        ½ (δ* − m)ᵀ D (δ* − m) − ½ log det(I + S F S / T)`` (not a marginal likelihood).
+
         The log-determinant is exact on the ``dense`` and ``kernel`` routes. On ``lanczos``
         it is the stochastic Lanczos quadrature estimate (``slq_probes > 0``; unbiased up to
         quadrature error, standard error ∝ 1/√probes) or, with ``slq_probes=0``, the sum over
@@ -568,15 +603,15 @@ class LinearizedLaplace:
         where = "LinearizedLaplace.log_marginal_likelihood"
         self._require_fit(where)
         var = self.variance if variance is None else variance
-        S = self.prior_std(var)
+        S, T = self.prior_std(var), self.temperature
         route = self.method_used
         if route == "dense":
             A = torch.eye(self.num_params, dtype=S.dtype, device=S.device)
-            L = cholesky_with_jitter(A + S[:, None] * self._F * S, where=where)
+            L = cholesky_with_jitter(A + S[:, None] * self._F * S / T, where=where)
             logdet = 2 * L.diagonal().log().sum()
         elif route == "kernel":
-            # (S B)ᵀ (S B) = Σ_g σ_g² B_gᵀ B_g
-            gram = torch.einsum("g,gab->ab", var.expand(len(self.lin.groups)), self._grams)
+            # (S_T B)ᵀ (S_T B) = Σ_g (σ_g²/T) B_gᵀ B_g
+            gram = torch.einsum("g,gab->ab", var.expand(len(self.lin.groups)) / T, self._grams)
             A = torch.eye(gram.shape[0], dtype=S.dtype, device=S.device) + gram
             logdet = 2 * cholesky_with_jitter(A, where=where).diagonal().log().sum()
         else:
@@ -592,7 +627,7 @@ class LinearizedLaplace:
                 theta, w = self._slq
                 logdet = self.num_params * (w * torch.log1p(c * theta)).sum(-1).mean()
         quad = ((self.delta - self.prior_mean) / S).square().sum()
-        return self._loglik - 0.5 * quad - 0.5 * logdet
+        return self._loglik / T - 0.5 * quad - 0.5 * logdet
 
     def optimize_prior(
         self,
@@ -613,7 +648,10 @@ class LinearizedLaplace:
         of the Laplace evidence itself; ``lr`` is unused. On the ``dense`` and ``lanczos``
         routes each round is Adam (``lr``) on ``log σ²`` for ``num_steps`` steps with δ* and
         Λ fixed, then ``fit(X, y)`` again at the new σ² (warm-started): a fixed-point
-        iteration that need not increase the evidence of the refitted model.
+        iteration that need not increase the evidence of the refitted model. With a
+        ``temperature`` ≠ 1 the objective is the tempered normaliser
+        (:meth:`log_marginal_likelihood`); to choose σ² by the evidence of the model itself,
+        optimise at ``temperature=1`` and temper afterwards.
 
         Returns:
             The evidence after each round.
@@ -643,7 +681,8 @@ class LinearizedLaplace:
         self, X: Tensor, y: Tensor, rounds: int, num_steps: int, fit_steps: int
     ) -> list[float]:
         fs = _KernelMAP(self, X, y)
-        lo, hi = fs.log_variance_bounds()
+        T = self.temperature
+        lo, hi = (b + math.log(T) for b in fs.log_variance_bounds())  # bounds on σ²/T
         log_var = torch.maximum(torch.minimum(self.variance.log(), hi), lo)
         log_var = log_var.clone().requires_grad_(True)
         opt = torch.optim.LBFGS(
@@ -655,8 +694,8 @@ class LinearizedLaplace:
         def closure() -> Tensor:
             opt.zero_grad()
             var = torch.maximum(torch.minimum(log_var, hi), lo).exp()
-            state["a"] = fs.solve(var.detach(), state["a"], max_iter=fit_steps)
-            loss = -fs.evidence(var, state["a"])
+            state["a"] = fs.solve(var.detach() / T, state["a"], max_iter=fit_steps)
+            loss = -fs.evidence(var / T, state["a"], temperature=T)
             loss.backward()
             return loss
 
@@ -673,4 +712,23 @@ class LinearizedLaplace:
         state = (
             f"rank={self._lam.numel()}, method={self.method_used!r}" if self._fitted else "unfitted"
         )
-        return f"LinearizedLaplace(likelihood={self.likelihood!r}, P={self.num_params}, {state})"
+        temp = "" if self.temperature == 1 else f", temperature={self.temperature:g}"
+        return (
+            f"LinearizedLaplace(likelihood={self.likelihood!r}, P={self.num_params}{temp}, {state})"
+        )
+
+
+def _check_temperature(where: str, temperature: object) -> float:
+    """A finite positive float, or ValueError/TypeError naming ``where``."""
+    if isinstance(temperature, Tensor) and temperature.numel() == 1:
+        temperature = temperature.item()
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(
+            f"{where}: temperature must be a positive float, got {type(temperature).__name__}."
+        )
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(
+            f"{where}: temperature must be a finite number > 0 (1: the Bayes posterior), got "
+            f"{temperature!r}."
+        )
+    return float(temperature)

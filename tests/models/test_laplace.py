@@ -311,18 +311,20 @@ def test_prior_mean_shifts_the_map_and_the_evidence_but_not_the_covariance(metho
         _make("categorical", net, method, prior_mean=torch.zeros(3))
 
 
-def _refit_evidence(net, X, y, variance, likelihood="categorical", m=None):
+def _refit_evidence(net, X, y, variance, likelihood="categorical", m=None, temperature=1.0):
     """The Laplace evidence with δ* refitted at σ², by the independent dense route."""
     noise = 0.09 if likelihood == "gaussian" else None
     la = LinearizedLaplace(
         net, likelihood, variance=variance, layer_variances=True, noise=noise, method="dense",
-        prior_mean=m,
+        prior_mean=m, temperature=temperature,
     )  # fmt: skip
     return float(la.fit(X, y, num_steps=300, newton_steps=3).log_marginal_likelihood())
 
 
-@pytest.mark.parametrize("likelihood", ["categorical", "poisson"])
-def test_kernel_evidence_gradient_is_the_derivative_of_the_refitted_evidence(likelihood):
+@pytest.mark.parametrize(
+    "likelihood, T", [("categorical", 1.0), ("poisson", 1.0), ("categorical", 0.3)]
+)
+def test_kernel_evidence_gradient_is_the_derivative_of_the_refitted_evidence(likelihood, T):
     """d/dσ² of the evidence *with δ* refitted* (finite differences of dense-route fits)."""
     from pyro_ntk.models.laplace import _KernelMAP
 
@@ -332,17 +334,17 @@ def test_kernel_evidence_gradient_is_the_derivative_of_the_refitted_evidence(lik
     la = _make(likelihood, net, "kernel", prior_mean=m).fit(X, y)
     fs = _KernelMAP(la, X, y)
     var = torch.tensor([0.7, 1.8], requires_grad=True)
-    ev = fs.evidence(var, fs.solve(var.detach()))
+    ev = fs.evidence(var / T, fs.solve(var.detach() / T), temperature=T)
     torch.testing.assert_close(
-        float(ev.detach()), _refit_evidence(net, X, y, var.detach(), likelihood, m)
+        float(ev.detach()), _refit_evidence(net, X, y, var.detach(), likelihood, m, T)
     )
     (g,) = torch.autograd.grad(ev, var)
     h = 1e-4
     for k in range(2):
         e = torch.zeros(2)
         e[k] = h
-        up = _refit_evidence(net, X, y, var.detach() + e, likelihood, m)
-        down = _refit_evidence(net, X, y, var.detach() - e, likelihood, m)
+        up = _refit_evidence(net, X, y, var.detach() + e, likelihood, m, T)
+        down = _refit_evidence(net, X, y, var.detach() - e, likelihood, m, T)
         assert abs(float(g[k]) - (up - down) / (2 * h)) < 1e-5 * (1 + abs(float(g[k])))
 
 
@@ -384,3 +386,85 @@ def test_map_prediction_is_the_likelihood_mean_at_the_linearized_map(likelihood)
     torch.testing.assert_close(la.predict(Xs, method="map", chunk_size=3), expected)
     with pytest.raises(ValueError, match="'probit', 'mc' or 'map', got 'mode'"):
         la.predict(Xs, method="mode")
+
+
+@pytest.mark.parametrize("method", ["dense", "kernel", "lanczos"])
+def test_tempered_posterior_equals_dense_reference(method):
+    """p_T(δ|y) ∝ p(y|δ)^{1/T} p(δ): its MAP, (F/T + D)⁻¹, predictive and normaliser, densely."""
+    T = 0.25
+    net, X, y = _problem("categorical", n=10)
+    torch.manual_seed(2)
+    m = 0.3 * torch.randn(sum(p.numel() for p in net.parameters()))
+    kw = {"rank": 40, "slq_probes": 0} if method == "lanczos" else {}
+    la = _make("categorical", net, method, prior_mean=m, temperature=T, **kw).fit(X, y)
+    J = reference_jacobian(net, X)
+    var = torch.tensor([0.7, 1.8])[la.lin.space.group_index()]
+    # δ*_T is a stationary point of the tempered log density log p(y|δ)/T + log p(δ)
+    delta = la.delta.clone().requires_grad_(True)
+    f = reference_output(net, X) + J @ delta
+    ll = _reference_log_likelihood("categorical", f, y, None)
+    (g,) = torch.autograd.grad(ll / T - 0.5 * ((delta - m).square() / var).sum(), delta)
+    assert g.abs().max() < 1e-8
+    # and δ*_T differs from the T = 1 MAP (the test can fail)
+    assert (
+        la.delta - _make("categorical", net, method, prior_mean=m, **kw).fit(X, y).delta
+    ).abs().max() > 1e-3
+    f_map = reference_output(net, X) + J @ la.delta
+    F = torch.einsum("nop,noq,nqr->pr", J, _dense_hessian("categorical", f_map, None), J)
+    Sigma = torch.linalg.inv(F / T + torch.diag(1 / var))
+    rel = (la.covariance() - Sigma).abs().max() / Sigma.abs().max()
+    assert rel < (1e-5 if method == "lanczos" else 1e-9)
+    Xs = torch.randn(4, 2)
+    Js = reference_jacobian(net, Xs)
+    cov = torch.einsum("nop,pq,nrq->nor", Js, Sigma, Js)
+    mean, full = la.predictive_f(Xs, full_cov=True)
+    torch.testing.assert_close(mean, reference_output(net, Xs) + Js @ la.delta)
+    torch.testing.assert_close(full, cov, rtol=1e-5, atol=1e-8)
+    B = torch.randn(la.num_params, 2)
+    x, diag = la.solve(B, tol=1e-11)
+    assert diag.converged
+    torch.testing.assert_close(x, Sigma @ B, rtol=1e-6, atol=1e-9)
+    if method != "lanczos":  # the normaliser of the tempered posterior, by Laplace
+        S = var.sqrt()
+        ref = (
+            _reference_log_likelihood("categorical", f_map, y, None) / T
+            - 0.5 * ((la.delta - m).square() / var).sum()
+            - 0.5 * torch.logdet(torch.eye(len(S)) + S[:, None] * F * S / T)
+        )
+        torch.testing.assert_close(la.log_marginal_likelihood(), ref, rtol=1e-8, atol=1e-8)
+
+
+def test_temperature_is_read_by_fit_and_validated():
+    net, X, y = _problem("categorical", n=10)
+    la = _make("categorical", net, "kernel").fit(X, y)
+    cold = _make("categorical", net, "kernel", temperature=0.1).fit(X, y)
+    la.temperature = 0.1
+    la.fit(X, y)
+    torch.testing.assert_close(la.delta, cold.delta)
+    torch.testing.assert_close(la.covariance(), cold.covariance())
+    assert "temperature=0.1" in repr(la)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"LinearizedLaplace: temperature must be .*{bad}"):
+            _make("categorical", net, "kernel", temperature=bad)
+    with pytest.raises(TypeError, match="temperature must be a positive float, got str"):
+        _make("categorical", net, "kernel", temperature="cold")
+    la.temperature = -2.0
+    with pytest.raises(ValueError, match=r"LinearizedLaplace.fit: temperature .* got -2.0"):
+        la.fit(X, y)
+
+
+def test_kernel_optimize_prior_maximises_the_refitted_tempered_normaliser():
+    T = 0.3
+    net, X, y = _problem("categorical", n=20)
+    la = _make("categorical", net, "kernel", temperature=T).fit(X, y)
+    history = la.optimize_prior(X, y, rounds=1, num_steps=50)
+    var = la.variance.clone()
+    # the reported value is the dense route's tempered normaliser, refitted at the same σ²
+    assert abs(history[-1] - _refit_evidence(net, X, y, var, temperature=T)) < 1e-6 * abs(
+        history[-1]
+    )
+    for k in range(2):
+        for factor in (0.8, 1.25):
+            v = var.clone()
+            v[k] *= factor
+            assert _refit_evidence(net, X, y, v, temperature=T) <= history[-1] + 1e-7
