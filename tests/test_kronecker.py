@@ -171,3 +171,28 @@ def test_kronecker_preconditioner_on_a_trained_network():
     assert its["kronecker"] < plain.iterations / 1.3
     assert its["kronecker"] <= 1.25 * oracle.iterations
     assert its["range finder"] <= 1.25 * oracle.iterations
+
+
+@pytest.mark.gpu
+def test_kronecker_preconditioner_on_cuda_matches_cpu():
+    net = _mlp(out=2)
+    X = torch.randn(300, 3)
+    b = torch.randn(600, 2)
+    out = {}
+    for device in ["cpu", "cuda"]:
+        lin = _structured(net.to(device))
+        Xd = X.to(device)
+        pre = FisherPreconditioner(lin, Xd, rank=20).build()
+        K = lin.ntk_dense(Xd)
+        x, diag = conjugate_gradient(
+            K + 1e-2 * torch.eye(600, device=device),
+            b.to(device),
+            preconditioner=pre.solve_closure(1.0, 1e-2),
+            tol=1e-8,
+        )
+        eig, _ = pre.eigenform()
+        assert x.device.type == device and eig.U.device.type == device
+        out[device] = (x.cpu(), eig.d.cpu(), diag.iterations)
+    torch.testing.assert_close(out["cuda"][0], out["cpu"][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out["cuda"][1], out["cpu"][1], rtol=1e-8, atol=1e-10)
+    assert abs(out["cuda"][2] - out["cpu"][2]) <= 2
