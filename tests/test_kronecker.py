@@ -125,54 +125,6 @@ def test_default_fisher_preconditioner_uses_kronecker_directions():
         FisherPreconditioner(lin, X, pool=0)
 
 
-def test_kronecker_preconditioner_on_a_trained_network():
-    from sklearn.datasets import load_diabetes
-
-    data, target = load_diabetes(return_X_y=True)
-    X = torch.tensor(data)
-    X = (X - X.mean(0)) / X.std(0)
-    y = torch.tensor(target)
-    y = (y - y.mean()) / y.std()
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Linear(10, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 1)
-    )
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(300):
-        opt.zero_grad()
-        (net(X[:200]).squeeze(-1) - y[:200]).square().mean().backward()
-        opt.step()
-    X, y = X[200:], y[200:]
-    lin = _structured(net)
-    K = lin.ntk_dense(X)
-    s2 = 1e-3 * float(K.diagonal().mean())
-    A = K + s2 * torch.eye(K.shape[0])
-    with torch.no_grad():
-        b = (y - net(X).squeeze(-1)).unsqueeze(-1)
-    want = torch.linalg.solve(A, b)
-    _, plain = conjugate_gradient(A, b, tol=1e-6, max_iter=5000)
-    ev, V = torch.linalg.eigh(K)
-    its = {}
-    for name, pre in [
-        ("kronecker", FisherPreconditioner(lin, X, rank=20)),
-        ("range finder", FisherPreconditioner(lin, X, rank=20, kronecker=False)),
-    ]:
-        x, diag = conjugate_gradient(A, b, preconditioner=pre.solve_closure(1.0, s2), tol=1e-6)
-        torch.testing.assert_close(x, want, rtol=1e-4, atol=1e-4)
-        its[name] = diag.iterations
-    # the best any rank-20 eigen-form can do: K's own top 20 eigenpairs
-    U, d = V[:, -20:], ev[-20:]
-    coef = (d / (d + s2)).unsqueeze(-1)
-    _, oracle = conjugate_gradient(
-        A, b, preconditioner=lambda R: (R - U @ (coef * (U.T @ R))) / s2, tol=1e-6
-    )
-    # measured: plain 298, oracle 156, Kronecker 184, range finder 165 (a small, briefly
-    # trained network is the Kronecker approximation's weak case; see RESULTS.md)
-    assert its["kronecker"] < plain.iterations / 1.3
-    assert its["kronecker"] <= 1.25 * oracle.iterations
-    assert its["range finder"] <= 1.25 * oracle.iterations
-
-
 @pytest.mark.gpu
 def test_kronecker_preconditioner_on_cuda_matches_cpu():
     net = _mlp(out=2)

@@ -4,7 +4,7 @@ import linear_operator
 import pytest
 import torch
 from linear_operator.operators import AddedDiagLinearOperator, DiagLinearOperator
-from networks import assert_unchanged, snapshot
+from networks import assert_unchanged, snapshot, trained_regression_problem
 from torch import nn
 
 from pyro_ntk import Linearization
@@ -268,31 +268,10 @@ def test_make_preconditioner_validates():
 
 
 # ---------------------------------------------------------------- a trained network
-def _trained_problem():
-    from sklearn.datasets import load_diabetes
-
-    data, target = load_diabetes(return_X_y=True)
-    X = torch.tensor(data)
-    X = (X - X.mean(0)) / X.std(0)
-    y = torch.tensor(target)
-    y = (y - y.mean()) / y.std()
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Linear(10, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 1)
-    )
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    for _ in range(300):
-        opt.zero_grad()
-        loss = (net(X[:200]).squeeze(-1) - y[:200]).square().mean()
-        loss.backward()
-        opt.step()
-    return net, X[200:], y[200:]
-
-
 def test_preconditioned_cg_needs_fewer_iterations_on_a_trained_network():
-    net, X, y = _trained_problem()
+    net, X, y = trained_regression_problem()
     before = snapshot(net)
-    lin = _lin(net)
+    lin = _lin(net)  # the generic engine: the Fisher preconditioner is the range finder
     K = lin.ntk_dense(X)
     s2 = 1e-3 * float(K.diagonal().mean())
     A = K + s2 * torch.eye(K.shape[0])
@@ -311,6 +290,8 @@ def test_preconditioned_cg_needs_fewer_iterations_on_a_trained_network():
         ),
         ("nystrom", NystromPreconditioner(lin, X, rank=20)),
         ("subsampled", FisherPreconditioner(lin, X, rank=20, subsample=0.25)),
+        # the structured engine: Kronecker eigen-directions (no Jacobian products)
+        ("kronecker", FisherPreconditioner(Linearization(net), X, rank=20)),
     ]:
         x, diag = conjugate_gradient(A, b, preconditioner=pre.solve_closure(1.0, s2), tol=1e-6)
         torch.testing.assert_close(x, want, rtol=1e-4, atol=1e-4)
@@ -320,6 +301,17 @@ def test_preconditioned_cg_needs_fewer_iterations_on_a_trained_network():
     assert results["fisher"] <= results["nystrom"]
     assert results["fisher"] <= results["range_finder"]
     assert results["subsampled"] < plain.iterations / 1.5
+    # against the best any rank-20 eigen-form can do, K's own top 20 eigenpairs; measured:
+    # plain 298, exact 156, range finder 165, Kronecker 184 (a small, briefly trained
+    # network is the Kronecker directions' weak case, see RESULTS.md)
+    ev, V = torch.linalg.eigh(K)
+    U, coef = V[:, -20:], (ev[-20:] / (ev[-20:] + s2)).unsqueeze(-1)
+    _, exact = conjugate_gradient(
+        A, b, preconditioner=lambda R: (R - U @ (coef * (U.T @ R))) / s2, tol=1e-6
+    )
+    assert results["kronecker"] < plain.iterations / 1.3
+    assert results["kronecker"] <= 1.25 * exact.iterations
+    assert results["fisher"] <= 1.25 * exact.iterations
     assert_unchanged(net, before)
 
 
