@@ -121,17 +121,16 @@ def kronecker_columns(
     for i in usable:
         layer = layers[i]
         sw, sb = _scale_of(sqrt_scale, layer.w_slice), _scale_of(sqrt_scale, layer.b_slice)
+        for sl in (layer.w_slice, layer.b_slice):
+            if sl is not None:
+                covered[sl] = True
         a_parts, b_parts = [], []
         for f in factors:
             A = f.A[i].reshape(f.A[i].shape[0], -1)  # (n, d_in)
-            cols = []
-            if layer.weight is not None:
-                cols.append(A * sw)
-                covered[layer.w_slice] = True
+            cols = [A * sw] if layer.weight is not None else []
             if layer.bias is not None:
                 cols.append(A.new_full((A.shape[0], 1), 1.0) * sb)
-                covered[layer.b_slice] = True
-            a_parts.append(torch.cat(cols, 1))  # (n, d_a)
+            a_parts.append(torch.cat(cols, 1))  # Ã = [σ_W A, σ_b], (n, d_a)
             b_parts.append(f.B[i].reshape(-1, f.B[i].shape[-1]))  # (n·O, d_out)
         gram_a = sum(a.T @ a for a in a_parts)
         gram_b = sum(b.T @ b for b in b_parts)
