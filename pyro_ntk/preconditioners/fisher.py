@@ -68,7 +68,7 @@ class FisherPreconditioner(Preconditioner):
     **Defaults, measured** (``benchmarks/bench_precond.py``, trained 26-128-128-1 tanh MLP
     on ``diamonds``, P = 20,097, N = 5000, s² = 1e-2 / 1e-3 × mean diag K, CG to 1e-4,
     k = 100, ``benchmarks/RESULTS.md``): the Kronecker pool (``max(5k, 500)``) takes 20 / 62
-    iterations — the exact top-100 eigenvectors of ``K`` take 19 / 59, gpytorch's pivoted
+    iterations — the exact top-100 eigenvectors of ``K`` take 19 / 60, gpytorch's pivoted
     Cholesky 30 / 87, Nyström 28 / 81, the range finder (q = 1, p = k/2, half the inputs)
     20 / 62 — for a set-up of about 12 K·v in seconds against 80–170 for the others.
     Three more trained MLPs on the same data (ReLU, under-trained, narrower; N = 3000,
