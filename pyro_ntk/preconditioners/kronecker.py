@@ -101,9 +101,10 @@ def kronecker_columns(
     else:
         chunks = [X]
     with linearization._eval_mode():
-        for Xc in chunks:  # a chunk can demote a layer to the generic path ...
-            engine._factors(Xc)
-        factors = [engine._factors(Xc) for Xc in chunks]  # ... so read them after all chunks
+        plan = engine.plan
+        factors = [engine._factors(Xc) for Xc in chunks]
+        if engine.plan is not plan:  # a chunk demoted a layer: the earlier ones predate it
+            factors = [engine._factors(Xc) for Xc in chunks]
     layers = engine.plan.layers
     usable = []
     for i, layer in enumerate(layers):
@@ -139,8 +140,8 @@ def kronecker_columns(
         pa = [a @ Wa for a in a_parts]
         pb = [b @ Ub for b in b_parts]
         scores = sum(
-            q.square().T @ p.square().repeat_interleave(O, dim=0) for p, q in zip(pa, pb)
-        )  # (d_out, d_a): Σ_{n,o} (B u_i)² (Ã w_j)²
+            q.square().reshape(p.shape[0], O, -1).sum(1).T @ p.square() for p, q in zip(pa, pb)
+        )  # (d_out, d_a): Σ_{n,o} (B u_i)² (Ã w_j)² = Σ_n (Σ_o (B u_i)²) (Ã w_j)²
         scored.append((scores, pa, pb))
     flat = torch.cat([s.reshape(-1) for s, _, _ in scored])
     keep = torch.topk(flat, min(pool, flat.numel())).indices
