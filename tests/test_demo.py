@@ -32,15 +32,6 @@ METHODS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny networks: one thread avoids thread spin-up costs on a shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(tmp_path, **kw) -> DemoConfig:
     sizes = dict(
         num_target=6,

@@ -29,14 +29,6 @@ METHODS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(tmp_path, **kw) -> DemoConfig:
     sizes = dict(
         task="digits",

@@ -46,7 +46,6 @@ def test_readme_example_is_the_quickstart_page():
 
 
 def test_readme_example_runs():
-    torch.set_num_threads(1)  # a tiny network: avoid thread spin-up costs on a shared machine
     code = _python_blocks((ROOT / "README.md").read_text())[0]
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
