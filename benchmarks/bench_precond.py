@@ -91,6 +91,17 @@ def load_diamonds(csv: str | None) -> tuple[np.ndarray, np.ndarray]:
     return X, (y - y.mean()) / y.std()
 
 
+def shuffled_diamonds(csv: str | None, dtype, device=None, seed: int = 0):
+    """``load_diamonds`` as tensors ``(X, y)``, rows in a seeded random order.
+
+    Every benchmark trains on the first ``TRAIN_ROWS`` rows and draws its GP sets after them.
+    """
+    Xnp, ynp = load_diamonds(csv)
+    perm = np.random.default_rng(seed).permutation(Xnp.shape[0])
+    X = torch.tensor(Xnp[perm], dtype=dtype, device=device)
+    return X, torch.tensor(ynp[perm], dtype=dtype, device=device)
+
+
 def train_network(X, y, steps: int, device, dtype, seed: int = 0):
     torch.manual_seed(seed)
     net = nn.Sequential(
@@ -454,10 +465,7 @@ def main(argv=None):
     )
     print(info, flush=True)
 
-    Xnp, ynp = load_diamonds(args.csv)
-    perm = np.random.default_rng(args.seed).permutation(Xnp.shape[0])
-    Xall = torch.tensor(Xnp[perm], dtype=dtype, device=device)
-    yall = torch.tensor(ynp[perm], dtype=dtype, device=device)
+    Xall, yall = shuffled_diamonds(args.csv, dtype, device, args.seed)
     Xtr, ytr = Xall[:TRAIN_ROWS], yall[:TRAIN_ROWS]
     Xgp, ygp = Xall[TRAIN_ROWS:], yall[TRAIN_ROWS:]
     net, t_train = timed(

@@ -18,12 +18,11 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_precond import TRAIN_ROWS, load_diamonds  # noqa: E402
+from bench_precond import TRAIN_ROWS, shuffled_diamonds  # noqa: E402
 
 from pyro_ntk import Linearization  # noqa: E402
 from pyro_ntk.preconditioners import FisherPreconditioner, NystromPreconditioner  # noqa: E402
@@ -58,10 +57,7 @@ def main(argv=None):
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
-    Xnp, ynp = load_diamonds(args.csv)
-    perm = np.random.default_rng(0).permutation(Xnp.shape[0])
-    Xall = torch.tensor(Xnp[perm], dtype=torch.float64)
-    yall = torch.tensor(ynp[perm], dtype=torch.float64)
+    Xall, yall = shuffled_diamonds(args.csv, torch.float64)
     X = Xall[TRAIN_ROWS : TRAIN_ROWS + args.n]
     k = args.rank
     variants = {

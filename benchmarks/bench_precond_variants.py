@@ -21,11 +21,10 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_precond import TRAIN_ROWS, kv_seconds, load_diamonds, train_network  # noqa: E402
+from bench_precond import TRAIN_ROWS, kv_seconds, shuffled_diamonds, train_network  # noqa: E402
 
 from pyro_ntk import Linearization  # noqa: E402
 from pyro_ntk.preconditioners import FisherPreconditioner, NystromPreconditioner  # noqa: E402
@@ -75,10 +74,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     dtype, device = torch.float64, torch.device("cpu")
     print(dict(torch=torch.__version__, threads=torch.get_num_threads(), load=os.getloadavg()))
-    Xnp, ynp = load_diamonds(args.csv)
-    perm = np.random.default_rng(0).permutation(Xnp.shape[0])
-    Xall = torch.tensor(Xnp[perm], dtype=dtype)
-    yall = torch.tensor(ynp[perm], dtype=dtype)
+    Xall, yall = shuffled_diamonds(args.csv, dtype)
     net = train_network(Xall[:TRAIN_ROWS], yall[:TRAIN_ROWS], args.train_steps, device, dtype)
     lin = Linearization(net)
     Xgp, ygp = Xall[TRAIN_ROWS:], yall[TRAIN_ROWS:]

@@ -30,11 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_precond import TRAIN_ROWS, load_diamonds, r2, train_network  # noqa: E402
+from bench_precond import TRAIN_ROWS, r2, shuffled_diamonds, train_network  # noqa: E402
 
 from pyro_ntk import Linearization  # noqa: E402
 from pyro_ntk.models import NTKGPRegression  # noqa: E402
@@ -92,10 +91,7 @@ def main(argv=None):
         load_start=os.getloadavg(),
     )
     print(info, flush=True)
-    Xnp, ynp = load_diamonds(args.csv)
-    perm = np.random.default_rng(args.seed).permutation(Xnp.shape[0])
-    Xall = torch.tensor(Xnp[perm], dtype=dtype)
-    yall = torch.tensor(ynp[perm], dtype=dtype)
+    Xall, yall = shuffled_diamonds(args.csv, dtype, seed=args.seed)
     Xtr, ytr = Xall[:TRAIN_ROWS], yall[:TRAIN_ROWS]
     Xgp, ygp = Xall[TRAIN_ROWS:], yall[TRAIN_ROWS:]
     net = train_network(Xtr, ytr, args.train_steps, torch.device("cpu"), dtype, args.seed)

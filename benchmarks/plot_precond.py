@@ -24,14 +24,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_precond import (  # noqa: E402
     TRAIN_ROWS,
     gpytorch_pivoted_cholesky,
-    load_diamonds,
+    shuffled_diamonds,
     train_network,
 )
 
@@ -55,10 +54,7 @@ def main(argv=None):
     ap.add_argument("--out", default="precond_convergence.png")
     args = ap.parse_args(argv)
     dtype, device = torch.float64, torch.device("cpu")
-    Xnp, ynp = load_diamonds(args.csv)
-    perm = np.random.default_rng(0).permutation(Xnp.shape[0])
-    Xall = torch.tensor(Xnp[perm], dtype=dtype)
-    yall = torch.tensor(ynp[perm], dtype=dtype)
+    Xall, yall = shuffled_diamonds(args.csv, dtype)
     net = train_network(Xall[:TRAIN_ROWS], yall[:TRAIN_ROWS], args.train_steps, device, dtype)
     lin = Linearization(net)
     X = Xall[TRAIN_ROWS : TRAIN_ROWS + args.n]
