@@ -123,6 +123,8 @@ def test_default_fisher_preconditioner_uses_kronecker_directions():
     assert not sketch.kronecker and sketch.products > 10
     with pytest.raises(ValueError, match="FisherPreconditioner: pool must be a positive int"):
         FisherPreconditioner(lin, X, pool=0)
+    with pytest.raises(ValueError, match=r"FisherPreconditioner: kronecker must be one of .* 'no'"):
+        FisherPreconditioner(lin, X, kronecker="no")
 
 
 @pytest.mark.gpu

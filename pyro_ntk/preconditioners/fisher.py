@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from pyro_ntk._checks import check_nonnegative_int, check_positive_int
+from pyro_ntk._checks import check_choice, check_nonnegative_int, check_positive_int
 from pyro_ntk.linearization import Linearization
 from pyro_ntk.preconditioners.base import Preconditioner
 from pyro_ntk.preconditioners.kronecker import kronecker_columns, top_eigenpairs
@@ -139,7 +139,7 @@ class FisherPreconditioner(Preconditioner):
                 f"fraction in (0, 1], got {subsample!r}."
             )
         self.subsample = subsample
-        self.kronecker = bool(kronecker)
+        self.kronecker = bool(check_choice(where, "kronecker", kronecker, (True, False)))
         if pool is not None:
             check_positive_int(where, "pool", pool)
         self.pool = pool
