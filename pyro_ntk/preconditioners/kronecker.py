@@ -95,11 +95,7 @@ def kronecker_columns(
     engine = linearization.engine
     if not isinstance(engine, StructuredEngine) or pool < 1:
         return None
-    N = X.shape[0]
-    if linearization.chunk_size and linearization.chunk_size < N:
-        chunks = [X[c] for c in linearization._chunks(N)]
-    else:
-        chunks = [X]
+    chunks = [X[c] for c in linearization._chunks(X.shape[0])]  # the engine's own row chunks
     with linearization._eval_mode():
         plan = engine.plan
         factors = [engine._factors(Xc) for Xc in chunks]
