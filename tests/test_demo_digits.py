@@ -114,7 +114,7 @@ def test_demo_digits_runs_plots_and_caches(tmp_path, capsys):
     for r in out["results"]:
         assert 0 <= r.accuracy <= 1 and math.isfinite(r.nll) and 0 <= r.ece <= 1
         assert r.probs.shape == (n_test, 5)
-        assert torch.allclose(r.probs.sum(-1), torch.ones(n_test, dtype=r.probs.dtype))
+        assert torch.allclose(r.probs.sum(-1), r.probs.new_ones(n_test))
         assert r.method in printed
     header = out["table"].splitlines()[0].split()
     assert header == ["method", "accuracy", "NLL", "ECE", "seconds"]

@@ -206,7 +206,10 @@ def _worker(scenario: str, rank: int, world: int, rendezvous: str, out: str) -> 
 
 # ---------------------------------------------------------------------------- the parent
 def _launch(tmp_path: Path, world: int, scenario: str) -> list[tuple[int, str]]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    # the repository first, then whatever the caller's PYTHONPATH holds (site packages
+    # installed with --target, say)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
     env.pop("WORLD_SIZE", None)
     if sys.platform == "linux":
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
