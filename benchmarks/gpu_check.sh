@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The GPU checks, as one script for a lent CUDA machine (see benchmarks/RESULTS.md).
+# Run from the repository root, with pyro's wheels in .whl/ (the GPU image has torch,
+# gpytorch, linear_operator, scikit-learn and hypothesis, but not pyro) and ggplot2's
+# diamonds table in .benchdata/diamonds.csv. Writes its logs and JSON to ${OUT:-gpu_out}.
+set -uo pipefail
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi -L
+python3 -c "import torch, gpytorch, linear_operator, pyro; print(torch.__version__, torch.version.cuda, gpytorch.__version__, linear_operator.__version__, pyro.__version__)"
+# 1. the GPU tests (everything on the device, equal to the CPU results)
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_preconditioners.py tests/test_kronecker.py 2>&1 | tee "$out/gpu_tests.log"
+# 2. the preconditioner benchmark with the Kronecker default (main table, crossover, reuse)
+timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/bench_precond.py --device cuda \
+    --csv .benchdata/diamonds.csv --json "$out/bench_precond_cuda.json" 2>&1 |
+    tee "$out/bench_precond_cuda.log"
