@@ -113,6 +113,20 @@ class ParameterSpace:
             return values.expand(self.num_params)
         return values[self.group_index()]
 
+    def group_grams(self, A: Tensor) -> Tensor:
+        r"""Per-group Gram matrices of the rows of ``A``: :math:`A_g^\top A_g`, shape ``(G, M, M)``.
+
+        ``A`` is ``(P, M)`` in the flat layout (rows = parameters; pass ``J.T`` for the
+        ``J_g J_gᵀ`` of a Jacobian). Each parameter's rows are a contiguous slice, so the
+        blocks are views (no copies, unlike a boolean mask per group); a group's parameters
+        are summed. Cost ``O(P·M²)``.
+        """
+        M = A.shape[1]
+        out = A.new_zeros(self.num_groups, M, M)
+        for g, block in zip(self.group_of, torch.split(A, self.numels, dim=0)):
+            out[g].addmm_(block.T, block)
+        return out
+
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """Split ``(P, *rest)`` into ``{name: (*shape, *rest)}``; views, no copies."""
         rest = flat.shape[1:]

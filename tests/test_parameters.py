@@ -111,6 +111,20 @@ def test_groups_are_owning_modules():
     assert torch.equal(lin.space.expand_group_values(torch.tensor(3.0)), torch.full((14,), 3.0))
 
 
+def test_group_grams_sum_each_groups_rows():
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 1))
+    space = ParameterSpace(net, ["0.weight", "2.weight", "2.bias", "4.bias"], where="test")
+    idx = space.group_index()
+    assert idx.tolist() == [0] * 6 + [1] * 8 + [2]  # a group of two parameters, one of one
+    A = torch.randn(space.num_params, 4, dtype=torch.float64)
+    grams = space.group_grams(A)
+    assert grams.shape == (3, 4, 4)
+    for g in range(space.num_groups):
+        Ag = A[idx == g]
+        torch.testing.assert_close(grams[g], Ag.T @ Ag)
+    torch.testing.assert_close(grams.sum(0), A.T @ A)
+
+
 def test_flat_layout_round_trips():
     net = _net()
     space = ParameterSpace(net, None, where="test")

@@ -26,6 +26,24 @@ if TYPE_CHECKING:
 __all__: list[str] = []
 
 
+def block_left(L: Tensor, Z: Tensor, transpose: bool = False) -> Tensor:
+    """``L Z`` (or ``Lᵀ Z``) for the block-diagonal ``L = diag(L_1, …, L_N)`` of ``(N, O, O)``.
+
+    ``Z`` is ``(N·O, k)`` in the sample-major layout; cost ``O(N·O²·k)``, not ``O((N·O)²·k)``.
+    """
+    N, O, _ = L.shape
+    spec = "nba,nbk->nak" if transpose else "nab,nbk->nak"
+    return torch.einsum(spec, L, Z.reshape(N, O, -1)).reshape(N * O, -1)
+
+
+def block_sandwich(L: Tensor, K: Tensor) -> Tensor:
+    """``Lᵀ K L`` for block-diagonal ``L`` ``(N, O, O)`` and ``K`` ``(..., N·O, N·O)``."""
+    N, O, _ = L.shape
+    K4 = K.reshape(*K.shape[:-2], N, O, N, O)
+    LtK = torch.einsum("nca,...ncmd->...namd", L, K4)
+    return torch.einsum("...namd,mdb->...namb", LtK, L).reshape(K.shape)
+
+
 class _KernelMAP:
     r"""The MAP and Laplace evidence of the linearized model in function space (small ``N·O``).
 
@@ -45,16 +63,26 @@ class _KernelMAP:
     """
 
     def __init__(self, la: LinearizedLaplace, X: Tensor, y: Tensor):
-        self.la, self.y = la, y
-        J = la.lin.jacobian(X)  # (N, O, P)
+        self.la, self.X, self.y = la, X.detach().clone(), y.clone()  # copies: see matches
+        self.m = la.prior_mean.detach().clone()
+        self.lin, self.versions = la.lin, la.lin.space.versions()
+        J = la.lin.jacobian(X)  # (N, O, P), dropped after the Grams: only (G, N·O, N·O) is kept
         self.shape = J.shape[:2]
-        self.J = J.reshape(-1, J.shape[-1])  # (N·O, P), rows n·O + o
-        gidx = la.lin.space.group_index()
-        self.grams = torch.stack(
-            [self.J[:, gidx == g] @ self.J[:, gidx == g].T for g in range(len(la.lin.groups))]
-        )  # (G, N·O, N·O)
+        self.grams = la.lin.space.group_grams(J.reshape(-1, J.shape[-1]).T)  # (G, N·O, N·O)
         self.f0 = la.lin(X)
-        self.mu0 = self.f0 + (self.J @ la.prior_mean).reshape(self.shape)
+        self.mu0 = self.f0 + (J.reshape(-1, J.shape[-1]) @ self.m).reshape(self.shape)
+
+    def matches(self, X: Tensor, y: Tensor) -> bool:
+        """Whether this is the problem of ``(X, y)`` at the Laplace's current ``m`` and θ*."""
+        la = self.la
+        return (
+            self.lin is la.lin
+            and self.versions == la.lin.space.versions()
+            and all(
+                a.shape == b.shape and a.device == b.device and torch.equal(a, b)
+                for a, b in ((self.X, X), (self.y, y), (self.m, la.prior_mean))
+            )
+        )
 
     def log_variance_bounds(self) -> tuple[Tensor, Tensor]:
         """``log σ_g²`` bounds: prior logit variances between 1e-12 and 1e6 per group.
@@ -74,17 +102,18 @@ class _KernelMAP:
         return _log_likelihood(self.la.likelihood, f, self.y, self.la.noise) - 0.5 * a @ K @ a, f
 
     def _root(self, f: Tensor) -> Tensor:
-        return torch.block_diag(*_hessian_root(self.la.likelihood, f, self.la.noise))
+        """The blocks ``L_n`` ``(N, O, O)`` of ``Λ = L Lᵀ`` at the outputs ``f``."""
+        return _hessian_root(self.la.likelihood, f, self.la.noise)
 
     def _newton(self, K: Tensor, a: Tensor) -> Tensor:
         f = self.mu0 + (K @ a).reshape(self.shape)
         g = _likelihood_grad(self.la.likelihood, f, self.y, self.la.noise).reshape(-1)
         L = self._root(f)
-        LtK = L.T @ K
-        A = torch.eye(len(a), dtype=a.dtype, device=a.device) + LtK @ L
+        A = torch.eye(len(a), dtype=a.dtype, device=a.device) + block_sandwich(L, K)
         C = torch.linalg.cholesky((A + A.T) / 2)
-        b = L @ (L.T @ (K @ a)) + g
-        return b - L @ torch.cholesky_solve((LtK @ b)[:, None], C)[:, 0]
+        b = block_left(L, block_left(L, (K @ a)[:, None], transpose=True))[:, 0] + g
+        LtKb = block_left(L, (K @ b)[:, None], transpose=True)
+        return b - block_left(L, torch.cholesky_solve(LtKb, C))[:, 0]
 
     @torch.no_grad()
     def solve(self, var: Tensor, a: Tensor | None = None, max_iter: int = 100) -> Tensor:
@@ -121,9 +150,10 @@ class _KernelMAP:
         a = self._newton(K, a.detach())
         psi, f = self._psi(K, a)
         L = self._root(f)
-        A = torch.eye(len(a), dtype=a.dtype, device=a.device) + L.T @ K @ L
+        A = torch.eye(len(a), dtype=a.dtype, device=a.device) + block_sandwich(L, K)
         return psi / temperature - torch.linalg.cholesky((A + A.T) / 2).diagonal().log().sum()
 
     def delta(self, var: Tensor, a: Tensor) -> Tensor:
-        """δ* = m + S² Jᵀ a."""
-        return self.la.prior_mean + self.la.lin.space.expand_group_values(var) * (self.J.T @ a)
+        """δ* = m + S² Jᵀ a (one VJP)."""
+        Jta = self.la.lin.vjp(self.X, a.reshape(self.shape))
+        return self.m + self.la.lin.space.expand_group_values(var) * Jta

@@ -61,7 +61,7 @@ from pyro_ntk._checks import (
 from pyro_ntk._parameters import ParamSelector
 from pyro_ntk.fisher import FisherLinearOperator
 from pyro_ntk.linearization import Linearization, check_linearization
-from pyro_ntk.models._laplace_kernel import _KernelMAP
+from pyro_ntk.models._laplace_kernel import _KernelMAP, block_left, block_sandwich
 from pyro_ntk.models._likelihoods import (
     LIKELIHOODS,
     _hessian_root,
@@ -188,6 +188,7 @@ class LinearizedLaplace:
         self.temperature = _check_temperature(where, temperature)
         self.delta: Tensor | None = None
         self._fitted = False
+        self._kernel_cache: _KernelMAP | None = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -248,7 +249,8 @@ class LinearizedLaplace:
             batch_size: Adam minibatch size (``None``: full batch; the likelihood is
                 rescaled by ``N / batch_size``).
             newton_steps: exact Newton refinements of δ* after the optimizer (each one
-                Fisher solve and a new posterior; a step is kept only if it ascends).
+                Fisher solve and a new posterior; a step is kept only if it ascends). None
+                on the ``kernel`` route with L-BFGS, whose function-space Newton is exact.
             seed: seed of the minibatch order and of Lanczos' start vector.
 
         Returns:
@@ -263,14 +265,25 @@ class LinearizedLaplace:
         if optimizer not in ("lbfgs", "adam"):
             raise ValueError(f"{where}: optimizer must be 'lbfgs' or 'adam', got {optimizer!r}.")
         kernel = self._choose_method(X.shape[0], O) == "kernel"
-        if kernel and optimizer == "lbfgs" and batch_size is None:
-            self._map_kernel(_KernelMAP(self, X, y), X, y, num_steps)
+        exact = kernel and optimizer == "lbfgs" and batch_size is None
+        if exact:
+            self._map_kernel(self._kernel_problem(X, y), X, y, num_steps)
         else:
             self._map(X, y, num_steps, optimizer, lr, batch_size, seed)
         self._posterior(X, seed)
-        for _ in range(newton_steps):
+        for _ in range(0 if exact else newton_steps):  # the function-space MAP is exact
             self._newton_step(X, y, seed)
         return self
+
+    def _kernel_problem(self, X: Tensor, y: Tensor) -> _KernelMAP:
+        """The function-space problem of ``(X, y)``, kept while X, y, m and θ* are unchanged.
+
+        Refits on the same data (another temperature or σ², a cross-validation grid) then
+        cost Newton steps of ``N·O`` unknowns, not a new Jacobian.
+        """
+        if self._kernel_cache is None or not self._kernel_cache.matches(X, y):
+            self._kernel_cache = _KernelMAP(self, X, y)
+        return self._kernel_cache
 
     def _newton_step(self, X: Tensor, y: Tensor, seed: int) -> None:
         """δ ← δ + (F + D_T)⁻¹ ∇ log p(y, δ): exact Newton (F + D_T = Σ_T / T is the Hessian)."""
@@ -348,7 +361,7 @@ class LinearizedLaplace:
         a = fs.solve(var, max_iter=max_iter)
         self.delta = fs.delta(var, a)
         with torch.no_grad():
-            self._f_map = fs.f0 + (fs.J @ self.delta).reshape(fs.shape)
+            self._f_map = fs.f0 + self.lin.jvp(X, self.delta)
             self._loglik = _log_likelihood(self.likelihood, self._f_map, y, self.noise)
         self._X, self._y = X, y
 
@@ -376,17 +389,21 @@ class LinearizedLaplace:
             self._F = self._fisher(X).to_dense()
             lam, U = torch.linalg.eigh(S[:, None] * self._F * S)
         elif self.method_used == "kernel":
-            # B = Jᵀ L (P, N·O): one VJP whose columns are the blocks of L
+            # F = B Bᵀ with B = Jᵀ L (P, N·O), L = diag(L_n) the root of Λ at δ*. The Grams
+            # B_gᵀ B_g = Lᵀ (J_g J_gᵀ) L (G, N·O, N·O) come from the function-space problem's
+            # J_g J_gᵀ without a pass over P (the evidence in σ_g² uses them), and S_T B's Gram
+            # is Σ_g (σ_g²/T) B_gᵀ B_g
             L = _hessian_root(self.likelihood, self._f_map, self.noise)  # (N, O, O)
-            eye = torch.eye(N, dtype=L.dtype, device=L.device)
-            cols = torch.einsum("nab,nm->namb", L, eye).reshape(N, O, N * O)
-            self._B = self.lin.vjp(X, cols)
-            # per-group Grams B_gᵀ B_g (G, N·O, N·O): the evidence in σ_g² without touching P
-            gidx = self.lin.space.group_index()
-            self._grams = torch.stack(
-                [self._B[gidx == g].T @ self._B[gidx == g] for g in range(len(self.lin.groups))]
+            self._grams = block_sandwich(L, self._kernel_problem(X, self._y).grams)
+            var = self.variance.expand(len(self.lin.groups)) / self.temperature
+            lam, V = self._nonzero_eigh(torch.einsum("g,gab->ab", var, self._grams))
+            # eigenvectors of S_T B Bᵀ S_T: S_T B V / √λ, where B V = Jᵀ (L V) is one VJP
+            BV = (
+                self.lin.vjp(X, block_left(L, V).reshape(N, O, -1))
+                if len(lam)
+                else V.new_zeros(self.num_params, 0)
             )
-            lam, U = self._eig_from_root(S[:, None] * self._B)
+            U = S[:, None] * BV.reshape(self.num_params, -1) / lam.sqrt()
         else:
             F = self._fisher(X)
             gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -423,12 +440,11 @@ class LinearizedLaplace:
         return theta.clamp_min(0), V[..., 0, :].square()
 
     @staticmethod
-    def _eig_from_root(A: Tensor) -> tuple[Tensor, Tensor]:
-        """Nonzero eigenpairs of ``A Aᵀ`` from the small Gram ``Aᵀ A``."""
-        mu, V = torch.linalg.eigh(A.T @ A)
-        keep = mu > mu.max().clamp_min(0) * torch.finfo(mu.dtype).eps * A.shape[1]
-        mu, V = mu[keep], V[:, keep]
-        return mu, (A @ V) / mu.sqrt()
+    def _nonzero_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
+        """Eigenpairs of a Gram ``AᵀA`` (M × M) above rounding (relative ``M·eps``)."""
+        mu, V = torch.linalg.eigh(gram)
+        keep = mu > mu.max().clamp_min(0) * torch.finfo(mu.dtype).eps * gram.shape[0]
+        return mu[keep], V[:, keep]
 
     # ------------------------------------------------------------------ posterior
     @property
@@ -680,7 +696,7 @@ class LinearizedLaplace:
     def _optimize_prior_kernel(
         self, X: Tensor, y: Tensor, rounds: int, num_steps: int, fit_steps: int
     ) -> list[float]:
-        fs = _KernelMAP(self, X, y)
+        fs = self._kernel_problem(X, y)
         T = self.temperature
         lo, hi = (b + math.log(T) for b in fs.log_variance_bounds())  # bounds on σ²/T
         log_var = torch.maximum(torch.minimum(self.variance.log(), hi), lo)

@@ -453,6 +453,42 @@ def test_temperature_is_read_by_fit_and_validated():
         la.fit(X, y)
 
 
+def test_kernel_refits_reuse_the_problem_only_while_the_data_are_unchanged():
+    """Refits on equal data (a new T, σ² or a copy of X) match fresh fits; new data do not reuse."""
+    net, X, y = _problem("categorical", n=10)
+    la = _make("categorical", net, "kernel").fit(X, y)
+    problem = la._kernel_cache
+    for T, variance in ((0.1, None), (1.0, torch.tensor([0.2, 3.0]))):
+        la.temperature = T
+        if variance is not None:
+            la.variance = variance
+        la.fit(X.clone(), y.clone())  # equal values, new tensors: reused
+        assert la._kernel_cache is problem
+        fresh = _make("categorical", net, "kernel", temperature=T)
+        fresh.variance = la.variance.clone()
+        fresh.fit(X, y)
+        torch.testing.assert_close(la.delta, fresh.delta, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(la.covariance(), fresh.covariance(), rtol=1e-10, atol=1e-12)
+    # in-place changes of X, y or the prior mean, and other data, build a new problem
+    X2, y2 = X.clone(), y.clone()
+    la.fit(X2, y2)
+    X2[0, 0] += 1.0
+    la.fit(X2, y2)
+    assert la._kernel_cache is not problem
+    for change in ("y", "m", "subset"):
+        problem = la._kernel_cache
+        if change == "y":
+            y2[0] = (y2[0] + 1) % 3
+        elif change == "m":
+            la.prior_mean = la.prior_mean + 0.1
+        la.fit(X2[:8] if change == "subset" else X2, y2[:8] if change == "subset" else y2)
+        assert la._kernel_cache is not problem
+        fresh = _make("categorical", net, "kernel", prior_mean=la.prior_mean)
+        fresh.variance = la.variance.clone()
+        fresh.fit(X2[:8] if change == "subset" else X2, y2[:8] if change == "subset" else y2)
+        torch.testing.assert_close(la.delta, fresh.delta, rtol=1e-10, atol=1e-12)
+
+
 def test_kernel_optimize_prior_maximises_the_refitted_tempered_normaliser():
     T = 0.3
     net, X, y = _problem("categorical", n=20)
@@ -468,3 +504,16 @@ def test_kernel_optimize_prior_maximises_the_refitted_tempered_normaliser():
             v = var.clone()
             v[k] *= factor
             assert _refit_evidence(net, X, y, v, temperature=T) <= history[-1] + 1e-7
+
+
+def test_block_diagonal_products_equal_the_dense_block_matrix():
+    from pyro_ntk.models._laplace_kernel import block_left, block_sandwich
+
+    torch.manual_seed(0)
+    N, O, k = 4, 3, 2
+    L, Z = torch.randn(N, O, O), torch.randn(N * O, k)
+    K = torch.randn(2, N * O, N * O)  # a batch of two, e.g. per-group Grams
+    dense = torch.block_diag(*L)
+    torch.testing.assert_close(block_left(L, Z), dense @ Z)
+    torch.testing.assert_close(block_left(L, Z, transpose=True), dense.T @ Z)
+    torch.testing.assert_close(block_sandwich(L, K), dense.T @ K @ dense)
