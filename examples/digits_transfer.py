@@ -85,7 +85,16 @@ draws (k = 5, seeds 10–19) it beat fine-tuning on both NLL and ECE in 9 (means
 (25 folds) instead of 5 folds does not reduce that noise (development draws 10–19, k = 5,
 2 threads: mean ECE 0.044 against 0.045, the same draw lost to fine-tuning), so the cheaper
 5 folds are kept; nor does stacking the candidate temperatures' predictives with weights that
-maximise the CV log score (mean ECE 0.049 against 0.045 for the argmin T).
+maximise the CV log score (mean ECE 0.049 against 0.045 for the argmin T). Other ways of
+choosing T, tried on development draws 10–29 (k = 5) against the rule above (means: accuracy
+0.876, NLL 0.381, ECE 0.049; fine-tuning 0.844 / 0.691 / 0.101) with an adoption rule fixed
+beforehand (ECE lower by ≥ 0.003, NLL no higher), none adopted: a finer grid 2⁻ʲ (ECE
+0.050), three fold partitions (0.047), a CV curve smoothed over neighbouring T (0.050), the
+Brier score instead of the NLL (0.061), and T from k-shot episodes of the *source* classes
+(always the coldest T: the body was trained on those images; 0.057). One T per k pooled over
+many development draws did pass it (ECE 0.046, cross-fitted), but it was thought of after
+seeing development test scores and fits a hyperparameter on labels of target images outside
+the k-shot set (fine-tuning gets no such tuning), so it is not used.
 At k = 1 the evidence prefers σ² → 0 (one image per class is no evidence for adapting), so
 both Laplace predictives are uniform (NLL = log 5).
 
@@ -94,9 +103,19 @@ evidence on the training data, or (T) by cross-validation on the training data. 
 test images: accuracy, NLL (mean), expected calibration error (15 equal-width confidence bins)
 and seconds (adaptation + prediction, including the head and, for the tempered Laplace, the
 cross-validation), averaged over seeds (different k-shot draws). A reliability diagram for the
-first seed at k = 5 is saved to ``out_dir``.
+first seed at k = 5 is saved to ``out_dir``. The script also counts the draws on which the
+tempered Laplace beats fine-tuning on both NLL and ECE.
 
-Run: ``python examples/digits_transfer.py [--out-dir DIR] [--seeds 3] [--smoke-test]``.
+**Ten draws.** The figures are means over 10 k-shot draws (seeds 0–9). Earlier versions
+reported 3 (seeds 0–2). On those three the tempered Laplace only tied fine-tuning's ECE at
+k = 5 (0.0661 against 0.0658; NLL 0.342 against 0.467), and the seed-to-seed sd of either
+ECE (0.03–0.04) is a hundred times that difference. The switch to 10 draws was decided, and
+written down, before seeds 3–9 were run; the method was not changed. Over seeds 0–9 at k = 5:
+tempered Laplace accuracy 0.889, NLL 0.376, ECE 0.064 against fine-tuning's 0.877, 0.519,
+0.071, better on both NLL and ECE on 7 of the 10 draws (two of the three others are the draws
+whose CV picked a mild T = 1/16).
+
+Run: ``python examples/digits_transfer.py [--out-dir DIR] [--seeds 10] [--smoke-test]``.
 """
 
 from __future__ import annotations
@@ -286,7 +305,7 @@ def reliability(ax, probs, y, title, bins: int = 15):
 def main(
     smoke_test: bool = False,
     out_dir: str = ".",
-    seeds: int = 3,
+    seeds: int = 10,
     ks: tuple[int, ...] = (1, 5, 10),
 ):
     t_start = time.perf_counter()
@@ -354,9 +373,12 @@ def main(
                 results[k][m].append((*scores(probs[m], ys), secs[m]))
             if seed == 0 and (k == 5 or len(ks) == 1):
                 figure_probs = {m: (probs[m], ys) for m in METHODS}
+            tl, ft = results[k]["tempered Laplace"][-1], results[k]["fine-tuning"][-1]
             print(f"  k={k} seed={seed}: Laplace σ_g²={[float(f'{v:.3g}') for v in variance]}, "
                   f"T (CV) = {T:.3g}, "
-                  f"train NLL lin. MAP {lap_train_nll:.3f} / fine-tuned {ft_train_nll:.4f} "
+                  f"train NLL lin. MAP {lap_train_nll:.3f} / fine-tuned {ft_train_nll:.4f}; "
+                  f"test NLL / ECE tempered {tl[1]:.3f} / {tl[2]:.3f}, "
+                  f"fine-tuned {ft[1]:.3f} / {ft[2]:.3f} "
                   f"({time.perf_counter() - t_start:.0f} s elapsed)")  # fmt: skip
 
     print(f"\nDigits 0-4 → 5-9, {seeds} seed(s), test = all other 5-9 images "
@@ -371,6 +393,12 @@ def main(
             table[(k, m)] = mean
             cells = "".join(f"{a:>8.3f} ±{b:>5.3f}" for a, b in zip(mean[:3], sd[:3]))
             print(f"{k:>3} {m:<17}{cells}{mean[3]:>7.1f} ±{sd[3]:>4.1f}")
+    wins = {  # draws on which the tempered Laplace has both the lower NLL and the lower ECE
+        k: sum(t[1] < f[1] and t[2] < f[2] for t, f in zip(per["tempered Laplace"], per["fine-tuning"]))
+        for k, per in results.items()
+    }  # fmt: skip
+    print("tempered Laplace better than fine-tuning on both NLL and ECE: "
+          + ", ".join(f"k={k}: {w}/{len(results[k]['fine-tuning'])} draws" for k, w in wins.items()))  # fmt: skip
 
     os.makedirs(out_dir, exist_ok=True)
     fig, axes = plt.subplots(1, len(METHODS), figsize=(3.6 * len(METHODS), 4), sharey=True)
@@ -384,13 +412,13 @@ def main(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     print(f"figure: {path}  (total {time.perf_counter() - t_start:.1f} s)")
-    return {"table": table, "figure": path}
+    return {"table": table, "wins": wins, "figure": path}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default=".", help="where to write the PNG")
-    parser.add_argument("--seeds", type=int, default=3, help="k-shot draws per k")
+    parser.add_argument("--seeds", type=int, default=10, help="k-shot draws per k")
     parser.add_argument("--smoke-test", action="store_true", help="tiny, fast run")
     args = parser.parse_args()
     main(smoke_test=args.smoke_test, out_dir=args.out_dir, seeds=args.seeds)

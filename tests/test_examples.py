@@ -41,6 +41,8 @@ def test_digits_transfer_smoke(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "lin. Laplace" in printed and "fine-tuning" in printed
     assert "tempered Laplace" in printed and "T (CV) =" in printed
+    assert set(out["wins"]) == {5} and 0 <= out["wins"][5] <= 1
+    assert "better than fine-tuning on both NLL and ECE: k=5:" in printed
 
 
 def test_tabular_transfer_smoke(tmp_path, capsys):

@@ -32,8 +32,7 @@ def block_left(L: Tensor, Z: Tensor, transpose: bool = False) -> Tensor:
     ``Z`` is ``(N·O, k)`` in the sample-major layout; cost ``O(N·O²·k)``, not ``O((N·O)²·k)``.
     """
     N, O, _ = L.shape
-    spec = "nba,nbk->nak" if transpose else "nab,nbk->nak"
-    return torch.einsum(spec, L, Z.reshape(N, O, -1)).reshape(N * O, -1)
+    return torch.bmm(L.mT if transpose else L, Z.reshape(N, O, -1)).reshape(N * O, -1)
 
 
 def block_sandwich(L: Tensor, K: Tensor) -> Tensor:
