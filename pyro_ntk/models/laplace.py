@@ -122,9 +122,11 @@ class LinearizedLaplace:
             temperature is not a property of the model: choose it by held-out likelihood
             (cross-validation), not by the evidence.
 
-    Cost: ``dense`` O(N·O·P² + P³) time, O(P²) memory; ``kernel`` one VJP with ``N·O``
-    columns, O((N·O)³ + P·N·O); ``lanczos`` ``r`` Fisher products (JVP + VJP over N each),
-    O(P·r) memory.
+    Cost: ``dense`` O(N·O·P² + P³) time, O(P²) memory; ``kernel`` the Jacobian on the data
+    once (O(P·(N·O)²) for the per-layer Grams ``J_g J_gᵀ``, kept while the data, the prior
+    mean and θ* are unchanged, so refits at another σ² or ``temperature`` skip it), then
+    O((N·O)³) per Newton step and one VJP with ``r ≤ N·O`` columns per posterior, O(P·N·O)
+    memory; ``lanczos`` ``r`` Fisher products (JVP + VJP over N each), O(P·r) memory.
 
     Example:
         >>> _ = torch.manual_seed(0)
