@@ -137,7 +137,12 @@ from pyro.infer.autoguide import AutoNormal  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pyro_ntk import Linearization, LinearizedLaplace, LinearizedModel  # noqa: E402
+from pyro_ntk import (  # noqa: E402
+    Linearization,
+    LinearizedLaplace,
+    LinearizedModel,
+    cross_validate_temperature,
+)
 from pyro_ntk.datasets import k_shot_split  # noqa: E402
 from pyro_ntk.demo import tasks  # noqa: E402
 from pyro_ntk.demo.classification import head_prior_mean  # noqa: E402
@@ -227,27 +232,18 @@ def fit_laplace(net, X, y, steps: int = 50):
 def choose_temperature(source, X, y, k: int, steps: int, folds: int = 5):
     """T by cross-validation on the k-shot set alone: held-out NLL of the tempered Laplace.
 
-    Fold j holds out images j, j + folds, … of every class (one image per class at k = 5);
-    the new head (θ*), the evidence's σ² and the tempered posterior are all refitted on the
-    other images, exactly as on the whole k-shot set. k = 1 leaves nothing to hold out: T = 1.
-    Returns ``(T, held-out NLL per candidate)``.
+    :func:`pyro_ntk.cross_validate_temperature`: fold j holds out images j, j + folds, … of
+    every class (one image per class at k = 5); the new head (θ*), the evidence's σ² and the
+    tempered posterior are all refitted on the other images, exactly as on the whole k-shot
+    set. k = 1 leaves nothing to hold out: T = 1. Returns ``(T, held-out NLL per candidate)``.
     """
-    nll = torch.zeros(len(TEMPERATURES), dtype=DTYPE)
     if k < 2:
-        return 1.0, nll
-    folds = min(folds, k)
-    idx = torch.arange(len(y)).reshape(5, k)  # k_shot_split lists the k-shot set class by class
-    for j in range(folds):
-        hold = torch.zeros(k, dtype=torch.bool)
-        hold[j::folds] = True
-        held, kept = idx[:, hold].reshape(-1), idx[:, ~hold].reshape(-1)
-        la = fit_laplace(fit_head(source, X[kept], y[kept]), X[kept], y[kept], steps)
-        for i, T in enumerate(TEMPERATURES):
-            la.temperature = T
-            p = la.fit(X[kept], y[kept]).predict(X[held])
-            nll[i] -= p.gather(-1, y[held, None]).clamp_min(1e-12).log().sum()
-    nll /= len(y)
-    return TEMPERATURES[int(nll.argmin())], nll
+        return 1.0, torch.zeros(len(TEMPERATURES), dtype=DTYPE)
+    cv = cross_validate_temperature(
+        lambda Xk, yk: fit_laplace(fit_head(source, Xk, yk), Xk, yk, steps),
+        X, y, TEMPERATURES, folds=min(folds, k),
+    )  # fmt: skip
+    return cv.temperature, cv.nll
 
 
 def fit_svi(net, X, y, variance, prior_mean, steps: int, Xtest, seed: int):

@@ -12,6 +12,7 @@ from pyro_ntk.models.classification import ntk_gp_classifier as ntk_gp_classifie
 from pyro_ntk.models.laplace import LinearizedLaplace as LinearizedLaplace
 from pyro_ntk.models.linearized import LinearizedModel as LinearizedModel
 from pyro_ntk.models.regression import NTKGPRegression as NTKGPRegression
+from pyro_ntk.models.tempering import cross_validate_temperature as cross_validate_temperature
 from pyro_ntk.operators import JacobianLinearOperator as JacobianLinearOperator
 from pyro_ntk.operators import NTKLinearOperator as NTKLinearOperator
 from pyro_ntk.preconditioners import FisherPreconditioner as FisherPreconditioner
@@ -38,6 +39,7 @@ __all__ = [
     "NystromPreconditioner",
     "SolverDiagnostics",
     "__version__",
+    "cross_validate_temperature",
     "gp_class_probabilities",
     "ntk_gp_classifier",
     "make_preconditioner",

@@ -197,6 +197,15 @@ def walk_linearized_laplace(net3):
     la.sample(2)
 
 
+def walk_cross_validate_temperature(net3):
+    X, y = _data(12), torch.arange(12) % 3
+
+    def fit(Xk, yk):
+        return pyro_ntk.LinearizedLaplace(net3, "categorical", variance=1.0).fit(Xk, yk)
+
+    pyro_ntk.cross_validate_temperature(fit, X, y, (1.0, 0.1), folds=2)
+
+
 def walk_fisher(net):
     X = _data()
     lin = pyro_ntk.Linearization(net)
@@ -239,6 +248,7 @@ WALKS = {
     "NTKGPRegression": (walk_ntk_gp_regression, 1),
     "LinearizedModel": (walk_linearized_model, 1),
     "LinearizedLaplace": (walk_linearized_laplace, 3),
+    "cross_validate_temperature": (walk_cross_validate_temperature, 3),
     "FisherLinearOperator": (walk_fisher, 2),
     "ntk_gp_classifier": (walk_ntk_gp_classifier, 3),
     "gp_class_probabilities": (walk_ntk_gp_classifier, 3),
