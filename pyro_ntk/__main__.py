@@ -11,7 +11,8 @@ pyro_ntk (the network as mean, its empirical NTK as kernel, noise and variance f
 against fine-tuning, retraining the last layer, and an RBF-kernel GP (pyro.contrib.gp).
 Prints RMSE, NLL, 95% coverage and seconds per method on the target's test points and
 writes a PNG of the predictive bands. With --task digits (classification) the NTK method is
-the linearized Laplace (pyro_ntk.LinearizedLaplace, prior chosen by the evidence), the GP a
+the linearized Laplace (pyro_ntk.LinearizedLaplace, prior chosen by the evidence; Bayes and
+tempered, T by cross-validation on the labelled images), the GP a
 VariationalGP classifier, and the table gives accuracy, NLL, calibration error (ECE) and
 seconds, with a PNG of reliability diagrams. The source network is trained once and cached."""
 

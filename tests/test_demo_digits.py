@@ -23,6 +23,7 @@ pytest.importorskip("sklearn")
 
 METHODS = [
     "NTK / lin. Laplace (pyro_ntk)",
+    "NTK / tempered Laplace (pyro_ntk)",
     "fine-tuning",
     "last layer retrained",
     "RBF GP (pyro.contrib.gp)",
@@ -120,6 +121,7 @@ def test_demo_digits_runs_plots_and_caches(tmp_path, capsys):
     assert header == ["method", "accuracy", "NLL", "ECE", "seconds"]
     assert "RMSE" not in printed
     assert "source network trained" in printed and "cached in" in printed
+    assert "tempered Laplace: T = " in printed and "by 2-fold cross-validation" in printed
     assert out["figure"].name == "demo_digits.png" and out["figure"].stat().st_size > 1000
 
     again = run_demo(tiny(tmp_path))
@@ -182,6 +184,7 @@ def test_cli_digits_help_and_bad_k(tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "NTK / lin. Laplace (pyro_ntk)" in printed and "ECE" in printed
+    assert "T = 1 (one image per class: nothing to cross-validate)" in printed
 
     with pytest.raises(SystemExit) as err:
         main(["demo", "--task", "digits", "--num-target", "500", "--no-progress"])

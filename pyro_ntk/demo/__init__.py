@@ -27,7 +27,8 @@ A PNG of the predictive bands is written to ``--out-dir``.
 **Classification** (``digits``): a small CNN trained on scikit-learn's 8×8 digits 0–4 is
 adapted to the digits 5–9 from ``k = --num-target`` labelled images per class; the NTK
 method is :class:`~pyro_ntk.LinearizedLaplace` on the network's dense layers (categorical
-likelihood, per-layer prior variances chosen by the Laplace evidence), against fine-tuning, retraining the last layer
+likelihood, per-layer prior variances chosen by the Laplace evidence; also tempered, T by
+:func:`~pyro_ntk.cross_validate_temperature`), against fine-tuning, retraining the last layer
 and an RBF-kernel ``VariationalGP`` classifier (see :mod:`pyro_ntk.demo.classification`).
 Scores: accuracy, NLL, expected calibration error (ECE) and seconds; the PNG holds one
 reliability diagram per method.

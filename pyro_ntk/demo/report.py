@@ -26,19 +26,20 @@ def format_table(results: list[Result] | list[ClassificationResult]) -> str:
     def num(x: float) -> str:
         return f"{x:.3f}" if abs(x) < 1e4 else f"{x:.2e}"
 
+    w = max([32] + [len(r.method) + 1 for r in results])  # the method column
     if results and isinstance(results[0], ClassificationResult):
-        head = f"{'method':<32}{'accuracy':>10}{'NLL':>11}{'ECE':>11}{'seconds':>9}"
+        head = f"{'method':<{w}}{'accuracy':>10}{'NLL':>11}{'ECE':>11}{'seconds':>9}"
         lines = [head, "-" * len(head)]
         for r in results:
             lines.append(
-                f"{r.method:<32}{r.accuracy:>10.3f}{num(r.nll):>11}{r.ece:>11.3f}{r.seconds:>9.2f}"
+                f"{r.method:<{w}}{r.accuracy:>10.3f}{num(r.nll):>11}{r.ece:>11.3f}{r.seconds:>9.2f}"
             )
         return "\n".join(lines)
-    head = f"{'method':<32}{'RMSE':>10}{'NLL':>11}{'95% cover':>11}{'seconds':>9}"
+    head = f"{'method':<{w}}{'RMSE':>10}{'NLL':>11}{'95% cover':>11}{'seconds':>9}"
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
-            f"{r.method:<32}{num(r.rmse):>10}{num(r.nll):>11}{r.coverage:>11.2f}{r.seconds:>9.2f}"
+            f"{r.method:<{w}}{num(r.rmse):>10}{num(r.nll):>11}{r.coverage:>11.2f}{r.seconds:>9.2f}"
         )
     return "\n".join(lines)
 

@@ -128,7 +128,9 @@ def _classification(cfg: DemoConfig, data: Data, net) -> dict:
     _warm_up(cfg, data, [lambda d, c: classification_methods(net, d, c)])
     results = classification_methods(net, data, cfg)
     table = format_table(results)
-    print(results[0].info)
+    for r in results:
+        if r.info:
+            print(r.info)
     print()
     print(table)
     print()
