@@ -98,12 +98,16 @@ class KShotStart:
 def _new_head(net: nn.Module, data: Data, cfg: DemoConfig) -> KShotStart:
     """A copy of ``net`` whose last layer is refitted on the target points (body frozen)."""
     t0 = time.perf_counter()
-    tuned = _fit_head(net, data.X_target, data.y_target, cfg.seed)
+    tuned = fit_head(net, data.X_target, data.y_target, cfg.seed)
     return KShotStart(tuned, time.perf_counter() - t0)
 
 
-def _fit_head(net: nn.Module, X: Tensor, y: Tensor, seed: int) -> nn.Module:
-    """A copy of ``net`` in eval mode with a new last layer fitted on ``(X, y)``, body frozen."""
+def fit_head(net: nn.Module, X: Tensor, y: Tensor, seed: int = 0) -> nn.Module:
+    """A copy of ``net`` in eval mode with a new last layer fitted on ``(X, y)``, body frozen.
+
+    Multinomial logistic regression on the body's features: L-BFGS, weight decay
+    :data:`HEAD_WEIGHT_DECAY`, the new layer initialised under ``torch.manual_seed(seed)``.
+    """
     tuned = copy.deepcopy(net)
     body, head = tuned[:-1], tuned[-1]
     torch.manual_seed(seed)
@@ -174,10 +178,15 @@ def dense_parameters(net: nn.Module) -> tuple[str, ...]:
     )
 
 
-def _evidence_laplace(network: nn.Module, X: Tensor, y: Tensor) -> tuple:
+def evidence_laplace(network: nn.Module, X: Tensor, y: Tensor, num_steps: int = 50) -> tuple:
     """The Laplace on ``network``'s dense layers with σ_g² maximising the evidence of (X, y).
 
-    Returns ``(LinearizedLaplace, log evidence before, after)``.
+    Categorical likelihood, one prior variance per layer (from 0.1) fitted by ``num_steps``
+    L-BFGS steps of :meth:`~pyro_ntk.LinearizedLaplace.optimize_prior`, prior mean
+    :func:`head_prior_mean`, ``kernel`` route.
+
+    Returns:
+        ``(LinearizedLaplace, log evidence before, log evidence after)``.
     """
     from pyro_ntk import Linearization, LinearizedLaplace
 
@@ -189,13 +198,13 @@ def _evidence_laplace(network: nn.Module, X: Tensor, y: Tensor) -> tuple:
     la.fit(X, y)
     before = float(la.log_marginal_likelihood())
     # L-BFGS on log σ² with the MAP refitted exactly at every step (kernel route)
-    after = la.optimize_prior(X, y, rounds=1, num_steps=50)[-1]
+    after = la.optimize_prior(X, y, rounds=1, num_steps=num_steps)[-1]
     return la, before, after
 
 
 def _laplace_ntk(start: KShotStart, data: Data, cfg: DemoConfig) -> tuple:
     t0 = time.perf_counter()
-    la, before, after = _evidence_laplace(start.network, data.X_target, data.y_target)
+    la, before, after = evidence_laplace(start.network, data.X_target, data.y_target)
     probs = la.predict(data.X_test)
     seconds = start.seconds + time.perf_counter() - t0
     shown = ", ".join(f"{v:.3g}" for v in la.variance.reshape(-1).tolist())
@@ -215,22 +224,20 @@ def _tempered_laplace(
     t0 = time.perf_counter()
     X, y = data.X_target, data.y_target
     k = int(torch.bincount(y).min())
-    T = 1.0
-    if k >= 2:  # one image per class leaves nothing to hold out
+    T, info = 1.0, "tempered Laplace: T = 1 (one image per class: nothing to cross-validate)"
+    if k >= 2:
 
         def refit(Xk: Tensor, yk: Tensor):
-            return _evidence_laplace(_fit_head(net, Xk, yk, cfg.seed), Xk, yk)[0]
+            return evidence_laplace(fit_head(net, Xk, yk, cfg.seed), Xk, yk)[0]
 
         T = cross_validate_temperature(refit, X, y, folds=min(5, k)).temperature
+        info = f"tempered Laplace: T = {T:.3g} by {min(5, k)}-fold cross-validation"
     tempered = LinearizedLaplace(
         None, "categorical", variance=la.variance, layer_variances=True, method="kernel",
         linearization=la.lin, prior_mean=la.prior_mean, temperature=T,
     )  # fmt: skip
     probs = tempered.fit(X, y).predict(data.X_test)
     seconds = laplace_seconds + time.perf_counter() - t0
-    info = f"tempered Laplace: T = {T:.3g} by {min(5, k)}-fold cross-validation" if k >= 2 else (
-        "tempered Laplace: T = 1 (one image per class: nothing to cross-validate)"
-    )  # fmt: skip
     return _result("NTK / tempered Laplace (pyro_ntk)", probs, data, seconds, info)
 
 
