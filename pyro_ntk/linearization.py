@@ -30,6 +30,7 @@ from pyro_ntk._checks import (
     check_vector,
 )
 from pyro_ntk._engines import CachedEngine, Engine, FuncTorchEngine, StructuredEngine, make_plan
+from pyro_ntk._engines.preflight import Report, forward_checks, probe_rows, reference
 from pyro_ntk._memory import check_dense_memory
 from pyro_ntk._parameters import ParameterSpace, ParamSelector
 
@@ -191,6 +192,10 @@ class Linearization:
             layer only). The others stay fixed at θ*.
         chunk_size: inputs per chunk (``None``: all at once).
         implementation: an :class:`NTKImplementation` or its string value.
+        example: optional inputs ``(N, ...)`` to run the preflight on at construction
+            (otherwise it runs on the first input of each feature shape). A network whose
+            forward is random in eval mode, whose examples interact, or whose products no
+            route computes exactly is refused there with a ``ValueError`` naming the module.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
@@ -209,6 +214,7 @@ class Linearization:
         *,
         chunk_size: int | None = None,
         implementation: str | NTKImplementation = "auto",
+        example: Tensor | None = None,
     ):
         self.space = ParameterSpace(network, params, where="Linearization")
         _check_backward_hooks("Linearization", network)
@@ -228,6 +234,21 @@ class Linearization:
         self._output_dim: int | None = None
         self._accepted: set[tuple[int, ...]] = set()
         self._validated = _ValidatedInputs()
+        self.plan = Report()
+        """Every decision made for this network (routes, fast paths, demotions, fallbacks)
+        with its reason; :meth:`explain` renders it."""
+        if example is not None:
+            self._check_X("Linearization", "example", example)
+
+    def explain(self) -> str:
+        """How products are computed for this network, and why: one line per decision.
+
+        The preflight runs on the first input of each feature shape (or on ``example`` at
+        construction): determinism and independence checks, the reference route, and every
+        fast path proven against it or demoted.
+        """
+        head = f"engine {self.implementation.value!r} ({self.implementation_reason})"
+        return f"{head}\n{self.plan.explain()}"
 
     def _choose(self, requested: NTKImplementation) -> NTKImplementation:
         """Resolve ``auto`` by module types and sizes; record why in ``implementation_reason``."""
@@ -326,6 +347,7 @@ class Linearization:
                     f"feature shape {feature_shape} or dtype the network rejects{seen}: {exc}"
                 ) from exc
             self._check_differentiable(where, X[:1])
+            self._preflight(where, X)
             o = out.shape[-1]
             if self._output_dim is not None and o != self._output_dim:
                 raise ValueError(
@@ -336,6 +358,39 @@ class Linearization:
             self._accepted.add(key)
         self._validated.add(X)
         return X
+
+    def _preflight(self, where: str, X: Tensor) -> None:
+        """Establish what holds for this input signature; prove the engine's routes on it."""
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return self._preflight(where, X.clone())
+        if X.is_inference():
+            X = X.clone()
+        engine = self.engine
+        report = self.plan
+        report.signatures.append(f"{tuple(X.shape[1:])} {X.dtype}")
+        with self._eval_mode(), torch.enable_grad():
+            engine.copy_inputs |= forward_checks(
+                where, self.network, self.space, engine.f_plain, X, report
+            )
+            engine.routes.inplace = bool(report.mutable_ops)
+            cache = getattr(engine, "cache", None)
+            if (report.mutable_ops or report.random_ops) and cache is not None:
+                engine.routes.cache_linearize = False
+                ops = sorted(report.mutable_ops | report.random_ops)
+                report.add(
+                    "linearize closure",
+                    "off",
+                    f"the forward runs in-place or random-number ops {ops}, which a "
+                    "torch.func.linearize graph replays on every call (its answer drifts)",
+                )
+            ref = reference(
+                where, self.network, self.space, engine.f_plain, probe_rows(X, 3), report
+            )
+            engine.prepare(where, ref, report)
+        if cache is not None:
+            cache.clear()  # the probe's entries; counters count products on the caller's rows
+            cache.reset_counts()
 
     def _check_differentiable(self, where: str, X1: Tensor) -> None:
         """Refuse a network whose output has no gradient path to θ (argmax, round, detach).

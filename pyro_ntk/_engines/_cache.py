@@ -70,6 +70,10 @@ class ChunkCache:
         """Drop every entry."""
         self._slots.clear()
 
+    def reset_counts(self) -> None:
+        """Zero :attr:`builds` and :attr:`hits` (after the preflight's probe products)."""
+        self.builds = self.hits = 0
+
     def __getstate__(self) -> dict:
         # Pickling (torch.save of a kernel or model) keeps the settings, not the entries:
         # they hold weak references and closures, and are rebuilt on first use.

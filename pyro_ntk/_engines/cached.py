@@ -9,9 +9,14 @@ same rows — each iteration of a CG solve — only runs the tangent or cotangen
 
     J(X)^\top U = \mathrm{pullback}_X(U), \qquad J(X)\, V = \mathrm{linearized}_X(V),
 
-both ``vmap``-ed over the ``k`` columns. Networks that ``linearize`` cannot trace (data
-dependent control flow) fall back to an uncached ``torch.func.jvp`` for the forward-mode
-half; the reverse-mode half is always cached.
+both ``vmap``-ed over the ``k`` columns. ``linearize`` folds the primal computation into
+constants and replays whatever in-place or random op it could not fold on every call, so
+its answer drifts after the first call on networks with such ops (ATen's RNN cells,
+non-idempotent in-place activations): it is used only when the preflight saw no such op
+and the closure reproduced the reference products three times. Otherwise the forward-mode
+half is the cached double-VJP closure (``v ↦ J v`` as the VJP of the pullback) or an
+uncached ``torch.func.jvp``; networks that ``linearize`` cannot trace (data dependent
+control flow) fall back to the latter. The reverse-mode half is always cached.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 from torch.autograd.forward_ad import _set_fwd_grad_enabled
-from torch.func import jvp, linearize, vjp, vmap
+from torch.func import linearize, vjp
 
 from pyro_ntk._engines._cache import DEFAULT_CACHE_BYTES, ChunkCache
 from pyro_ntk._engines.functorch import FuncTorchEngine
+from pyro_ntk._engines.routes import Push, Routes, columns, pull_columns, push_columns
 from pyro_ntk._parameters import ParameterSpace
 
 
@@ -35,21 +42,21 @@ class Closures:
 
     out: Tensor
     pullback: Callable
-    pushforward: Callable | None  # None: linearize failed, use torch.func.jvp
+    pushforward: Callable | None  # one column v ↦ J v; None: uncached torch.func.jvp
     primals: dict[str, Tensor]
 
 
 def build_closures(
     fn: Callable[[dict[str, Tensor]], Tensor],
     primals: dict[str, Tensor],
-    use_linearize: bool,
+    routes: Routes,
     network: nn.Module,
 ) -> tuple[Closures, int]:
-    """Run ``fn`` once in reverse mode (and trace it once in forward mode).
+    """Run ``fn`` once in reverse mode (and keep a forward-mode closure as ``routes`` allow).
 
     Returns the closures and an estimate of the bytes they retain: the outputs of the
-    network's leaf modules (the activations autograd saves), counted twice when the
-    linearized graph (which folds in the primal values) is kept too.
+    network's leaf modules (the activations autograd saves), counted twice when a
+    pushforward graph (linearized or double-VJP) is kept too.
     """
     seen: list[int] = []
 
@@ -65,7 +72,10 @@ def build_closures(
         for h in handles:
             h.remove()
     pushforward = None
-    if use_linearize:
+    if routes.push is Push.DOUBLE_VJP:
+        _, pull_of_pull = vjp(lambda u: pullback(u)[0], torch.zeros_like(out))
+        pushforward = lambda t: pull_of_pull(t)[0]  # noqa: E731
+    elif routes.cache_linearize:
         try:
             # linear_operator runs products inside torch.autograd.Function.forward, where
             # forward-mode AD is switched off; linearize traces a forward-mode pass and would
@@ -81,20 +91,23 @@ def build_closures(
 
 
 def push(
-    closures: Closures, tangents: dict[str, Tensor], fn: Callable[[dict[str, Tensor]], Tensor]
+    closures: Closures,
+    tangents: dict[str, Tensor],
+    fn: Callable[[dict[str, Tensor]], Tensor],
+    routes: Routes,
 ) -> Tensor:
-    """J V for tangents ``{name: (k, *shape)}`` through the linearized graph, shape ``(k, n, O)``.
+    """J V for tangents ``{name: (k, *shape)}`` through the kept closure, shape ``(k, n, O)``.
 
-    The traced graph holds decomposed ops (e.g. ``view``) that some layouts cannot take under
-    ``vmap``; then this chunk falls back for good to ``torch.func.jvp`` of ``fn``.
+    A traced graph can hold decomposed ops (e.g. ``view``) that some layouts cannot take
+    under ``vmap``; then this chunk falls back for good to the uncached push route of ``fn``.
     """
     if closures.pushforward is not None:
         try:
-            return vmap(closures.pushforward)(tangents)
+            return columns(closures.pushforward, tangents, routes.vmap_columns)
         except RuntimeError:
             closures.pushforward = None
     primals = {n: closures.primals[n] for n in tangents}
-    return vmap(lambda t: jvp(fn, (primals,), (t,))[1])(tangents)
+    return push_columns(fn, primals, tangents, routes)
 
 
 class CachedEngine(FuncTorchEngine):
@@ -124,19 +137,26 @@ class CachedEngine(FuncTorchEngine):
     ):
         super().__init__(network, space)
         self.cache = ChunkCache(self.space.versions, cache_bytes)
-        self.use_linearize = True
 
     def clear_cache(self) -> None:
         """Release every cached chunk."""
         self.cache.clear()
 
+    def fallbacks(self) -> list[tuple[str, object]]:
+        """Drop the linearize closure first, then batch nothing."""
+        return [("no torch.func.linearize closure", self._no_linearize), *super().fallbacks()]
+
+    def _no_linearize(self) -> None:
+        self.routes.cache_linearize = False
+        self.clear_cache()
+
     def _closures(self, X: Tensor) -> Closures:
         def build(Xc: Tensor) -> tuple[Closures, int]:
             closures, nbytes = build_closures(
-                lambda p: self.f(p, Xc), self.space.theta, self.use_linearize, self.network
+                lambda p: self.f(p, Xc), self.space.theta, self.routes, self.network
             )
-            if closures.pushforward is None:
-                self.use_linearize = False  # do not retrace a network that cannot be traced
+            if closures.pushforward is None and self.routes.push is Push.JVP:
+                self.routes.cache_linearize = False  # do not retrace what cannot be traced
             return closures, nbytes
 
         return self.cache.get(X, build)
@@ -144,10 +164,10 @@ class CachedEngine(FuncTorchEngine):
     def jvp(self, X: Tensor, V: Tensor) -> Tensor:
         c = self._closures(X)
         tangents = self.space.unflatten_batched(V)  # {name: (k, *shape)}
-        out = push(c, tangents, lambda p: self.f(p, X))
+        out = push(c, tangents, lambda p: self.f(p, X), self.routes)
         return out.permute(1, 2, 0)  # (k, n, O) → (n, O, k)
 
     def vjp(self, X: Tensor, U: Tensor) -> Tensor:
         c = self._closures(X)
-        grads = vmap(lambda u: c.pullback(u)[0])(U.permute(2, 0, 1))  # {name: (k, *shape)}
+        grads = pull_columns(c.pullback, U.permute(2, 0, 1), self.routes)  # {name: (k, ...)}
         return self.space.flatten_batched(grads).T  # (P, k)

@@ -29,9 +29,14 @@ engine cannot factor (a module called more than once, a weight shared between mo
 grouped or non-zero-padded convolution) go through the cached ``torch.func`` closures of
 :mod:`pyro_ntk._engines.cached`, restricted to those parameters, in the same product.
 
-Assumption: examples are independent (row ``n`` of every layer input belongs to example
-``n``), as in eval mode for ordinary networks; a layer whose input does not have the batch
-as its leading dimension is handed to the generic path.
+Nothing about the layout is guessed. The preflight establishes, for each layer, which
+dimension of its input carries the examples (the one dimension whose size follows the
+number of examples when the network runs on 2 and on 3 of them; a sequence-first ``(T, N,
+d)`` input has it at dim 1), and proves the factored products against the generic route on
+those examples. A layer whose example dimension cannot be established (an input that does
+not depend on the batch, such as a learned latent array; examples merged with another
+dimension) or whose products disagree is demoted to the generic path, with the reason
+recorded in the plan.
 """
 
 from __future__ import annotations
@@ -41,11 +46,19 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import jacrev, vmap
 
 from pyro_ntk._engines._cache import DEFAULT_CACHE_BYTES, ChunkCache
 from pyro_ntk._engines.base import Engine
 from pyro_ntk._engines.cached import Closures, build_closures, push
+from pyro_ntk._engines.preflight import (
+    Reference,
+    Report,
+    agree,
+    probe_rows,
+    relative_error,
+    tolerance,
+)
+from pyro_ntk._engines.routes import dense_rows, pull_columns
 from pyro_ntk._parameters import ParameterSpace
 
 
@@ -63,6 +76,7 @@ class Layer:
     d_out: int
     d_in: int
     padding: tuple[int, int] = (0, 0)
+    batch_dim: int | None = None  # the input's example dimension, established by tracing
 
 
 @dataclass
@@ -230,6 +244,16 @@ def prefer_gradients(S: int, d_in: int, d_out: int, O: int) -> bool:
     return 2 * gradient <= factored_work and gradient <= S * (d_in + O * d_out)
 
 
+def _example_dim(two: tuple[int, ...], three: tuple[int, ...]) -> int | None:
+    """The one dimension that is 2 with 2 examples and 3 with 3 (all others equal), or None."""
+    if len(two) != len(three):
+        return None
+    changed = [d for d, (p, q) in enumerate(zip(two, three)) if p != q]
+    if len(changed) == 1 and two[changed[0]] == 2 and three[changed[0]] == 3:
+        return changed[0]
+    return None
+
+
 class _Demote(Exception):
     def __init__(self, reasons: dict[str, str]):
         super().__init__(str(reasons))
@@ -284,6 +308,116 @@ class StructuredEngine(Engine):
         self.plan = Plan(keep, generic, {**self.plan.reasons, **reasons})
         self.cache.clear()
 
+    # ------------------------------------------------------------------ proof
+    def prepare(self, where: str, ref: Reference, report: Report) -> None:
+        """Establish each layer's example dimension, prove its factors, then the rest.
+
+        Layers whose example dimension cannot be traced, or whose factored products
+        disagree with the generic route on the probe, are demoted (reason in the plan);
+        the generic remainder and the dense route are then proven as on every engine.
+        """
+        self.adopt(ref)
+        self._trace_batch_dims(ref.X)
+        if self.plan.layers and self._layer_error(ref, None) is not None:
+            bad = {}
+            for layer in self.plan.layers:
+                problem = self._layer_error(ref, layer)
+                if problem is not None:
+                    bad[layer.module_name] = f"factored products disagree on the probe ({problem})"
+            if bad:
+                self._demote(bad)
+        for layer in self.plan.layers:
+            where_b = "" if layer.batch_dim == 0 else f", examples in dim {layer.batch_dim}"
+            report.add(
+                f"{layer.module_name} ({type(layer.module).__name__})",
+                "fast path",
+                f"factored {layer.kind}{where_b}; agrees with the generic route on the probe",
+            )
+        for name, why in self.plan.reasons.items():
+            module = dict(self.network.named_modules()).get(name)
+            kind = f" ({type(module).__name__})" if module is not None else ""
+            report.add(f"{name}{kind}", "generic", why)
+        super().prepare(where, ref, report)
+
+    def _trace_batch_dims(self, X: Tensor) -> None:
+        """Which dimension of each layer's input follows the number of examples (2 → 3)."""
+        layers = self.plan.layers
+        seen: list[list[list[tuple[int, ...]]]] = [[[], []] for _ in layers]
+
+        def hook_for(i: int, run: int):
+            def hook(module, args, out):
+                a = args[0] if args else None
+                if isinstance(a, Tensor) and isinstance(out, Tensor):
+                    seen[i][run].append((tuple(a.shape), tuple(out.shape)))
+
+            return hook
+
+        for run, n in enumerate((2, 3)):
+            Xn = probe_rows(X, n)
+            handles = [
+                layer.module.register_forward_hook(hook_for(i, run))
+                for i, layer in enumerate(layers)
+            ]
+            try:
+                with torch.no_grad():
+                    self.f(self.space.theta, Xn)
+            finally:
+                for h in handles:
+                    h.remove()
+        bad = {}
+        for layer, (two, three) in zip(layers, seen):
+            if len(two) != 1 or len(three) != 1:
+                continue  # the chunk build names why (weight sharing, not run as a module)
+            (a2, z2), (a3, z3) = two[0], three[0]
+            b = _example_dim(a2, a3) if len(a2) == len(a3) else None
+            if b is None or _example_dim(z2, z3) != b or b == len(a2) - 1:
+                bad[layer.module_name] = (
+                    f"its input's example dimension could not be established (input shape "
+                    f"{a2} at 2 examples, {a3} at 3: "
+                    + (
+                        "no dimension follows the examples, e.g. a learned array)"
+                        if a2 == a3
+                        else "the examples are merged with another dimension)"
+                    )
+                )
+            elif layer.kind == "conv2d" and (b != 0 or len(a2) != 4):
+                bad[layer.module_name] = f"a convolution whose examples lie in dim {b}"
+            elif layer.batch_dim is not None and layer.batch_dim != b:
+                bad[layer.module_name] = (
+                    f"its examples lie in dim {layer.batch_dim} for one input shape and {b} "
+                    "for another"
+                )
+            else:
+                layer.batch_dim = b
+        if bad:
+            self._demote(bad)
+
+    def _layer_error(self, ref: Reference, layer: Layer | None) -> str | None:
+        """How far the factored products of ``layer`` (``None``: all) are from the reference."""
+        tol = tolerance(self.space.dtype)
+        gen = torch.Generator(device="cpu").manual_seed(3)
+        P = self.space.num_params
+        V = torch.randn(P, 2, generator=gen, dtype=self.space.dtype).to(self.space.device)
+        mask = torch.zeros(P, 1, dtype=V.dtype, device=V.device)
+        for one in self.plan.layers if layer is None else [layer]:
+            for sl in (one.w_slice, one.b_slice):
+                if sl is not None:
+                    mask[sl] = 1.0
+        V = V * mask
+        try:
+            got = self.jvp(ref.X, V)
+            U = torch.randn(got.shape, generator=gen, dtype=V.dtype).to(V.device)
+            pulled = self.vjp(ref.X, U) * mask
+        except Exception as exc:  # noqa: BLE001 - the layer is demoted with this reason
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        want = ref.push(V)
+        if not agree(got, want, tol):
+            return f"J·v off by {relative_error(got, want):.2g}"
+        want = ref.pull(U) * mask
+        if not agree(pulled, want, tol):
+            return f"Jᵀu off by {relative_error(pulled, want):.2g}"
+        return None
+
     def _factors(self, X: Tensor) -> Factors:
         while True:
             try:
@@ -304,23 +438,34 @@ class StructuredEngine(Engine):
                 {layer.module_name: "a global forward hook is registered" for layer in layers}
             )
 
+        versions: list[int] = [0] * len(layers)
+        guard = self.routes.inplace
+
         def hook_for(i: int, layer: Layer):
             def hook(module, args, out):
                 a = args[0] if args else None
-                ok_dims = 4 if layer.kind == "conv2d" else None
+                b = layer.batch_dim
                 if (
-                    not isinstance(a, Tensor)
+                    b is None
+                    or not isinstance(a, Tensor)
                     or a.dim() < 2
-                    or a.shape[0] != n
-                    or (ok_dims is not None and a.dim() != ok_dims)
+                    or a.dim() <= b
+                    or a.shape[b] != n
+                    or (layer.kind == "conv2d" and (a.dim() != 4 or b != 0))
                 ):
-                    bad[layer.module_name] = "its input does not lead with the batch dimension"
+                    bad[layer.module_name] = (
+                        "its input's example dimension was not established"
+                        if b is None
+                        else f"its input does not carry the {n} examples in dim {b}"
+                    )
                     return None
                 inputs[i].append(a.detach())
-                if not out.requires_grad:
-                    out = out.detach().requires_grad_()
-                outputs[i].append(out)
-                return out
+                versions[i] = a._version
+                z = out if out.requires_grad else out.detach().requires_grad_()
+                outputs[i].append(z)
+                # an in-place op downstream (ReLU(inplace=True)) must not rewrite the recorded
+                # z, nor hit a leaf: hand the rest of the network a copy
+                return z.clone() if guard else z
 
             return hook
 
@@ -336,13 +481,17 @@ class StructuredEngine(Engine):
         finally:
             for h in handles:
                 h.remove()
-        for layer, calls in zip(layers, inputs):
-            if layer.module_name not in bad and len(calls) != 1:
+        for i, (layer, calls) in enumerate(zip(layers, inputs)):
+            if layer.module_name in bad:
+                continue
+            if len(calls) != 1:
                 bad[layer.module_name] = (
                     f"the module ran {len(calls)} times in one forward pass (weight sharing)"
                     if calls
                     else "the module never ran as a module (its weights are used directly)"
                 )
+            elif calls[0]._version != versions[i]:
+                bad[layer.module_name] = "its input is overwritten in place later in the forward"
         if bad:
             raise _Demote(bad)
 
@@ -356,7 +505,8 @@ class StructuredEngine(Engine):
                         out[:, o].sum(), zs, retain_graph=o < O - 1, allow_unused=True
                     )
                 for i, g in enumerate(grads):
-                    sens[i].append(torch.zeros_like(zs[i]) if g is None else g.detach())
+                    g = torch.zeros_like(zs[i]) if g is None else g.detach()
+                    sens[i].append(g.movedim(layers[i].batch_dim, 0))
         A_list, B_list, wgrads, bsums, aexts = [], [], [], [], []
         for layer, a, b in zip(layers, inputs, sens):
             A, B = self._layer_factors(layer, a[0], torch.stack(b, dim=1), n, O)
@@ -390,7 +540,7 @@ class StructuredEngine(Engine):
                 return self.f({**theta, **p}, X)
 
             generic, extra = build_closures(
-                fn, {g: theta[g] for g in self.plan.generic}, True, self.network
+                fn, {g: theta[g] for g in self.plan.generic}, self.routes, self.network
             )
             nbytes += extra
         return Factors(A_list, B_list, generic, bsums, wgrads, aexts), nbytes
@@ -399,7 +549,7 @@ class StructuredEngine(Engine):
     def _layer_factors(layer: Layer, a: Tensor, g: Tensor, n: int, O: int):
         """``A (n, S, d_in)`` and ``B (n, O, S, d_out)`` from the input and ``∂f/∂z``."""
         if layer.kind == "linear":
-            A = a.reshape(n, -1, layer.d_in)
+            A = a.movedim(layer.batch_dim, 0).reshape(n, -1, layer.d_in)
             B = g.reshape(n, O, -1, layer.d_out)
             return A, B
         m = layer.module
@@ -467,7 +617,7 @@ class StructuredEngine(Engine):
         if fac.generic is not None:
             tangents = self._tangents(V, self.plan.generic)
             theta = self.space.theta
-            part = push(fac.generic, tangents, lambda p: self.f({**theta, **p}, X))
+            part = push(fac.generic, tangents, lambda p: self.f({**theta, **p}, X), self.routes)
             part = part.permute(1, 2, 0)
             out = part if out is None else out + part
         return out
@@ -504,7 +654,7 @@ class StructuredEngine(Engine):
             if layer.bias is not None:
                 pieces[layer.bias] = fac.bsum(i).reshape(n * O, d_out).T @ U.reshape(n * O, k)
         if fac.generic is not None:
-            grads = vmap(lambda u: fac.generic.pullback(u)[0])(U.permute(2, 0, 1))
+            grads = pull_columns(fac.generic.pullback, U.permute(2, 0, 1), self.routes)
             for name, g in grads.items():
                 pieces[name] = g.reshape(k, -1).T
         return torch.cat([pieces[name] for name in self.space.names], dim=0)
@@ -514,11 +664,11 @@ class StructuredEngine(Engine):
         """Per-example Jacobian of the generic parameters, ``(n, O, P_generic)``."""
         theta = self.space.theta
 
-        def single(p: dict[str, Tensor], x: Tensor) -> Tensor:
-            return self.f({**theta, **p}, x.unsqueeze(0)).reshape(-1)
+        def f(p: dict[str, Tensor], Xc: Tensor) -> Tensor:
+            return self.f({**theta, **p}, Xc)
 
         primals = {g: theta[g] for g in self.plan.generic}
-        jac = vmap(jacrev(single), in_dims=(None, 0))(primals, X)
+        jac = dense_rows(f, primals, X, self.routes.dense)
         lead = next(iter(jac.values())).shape[:2]
         return torch.cat([jac[g].reshape(*lead, -1) for g in self.plan.generic], dim=-1)
 
