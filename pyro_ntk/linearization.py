@@ -234,11 +234,20 @@ class Linearization:
         self._output_dim: int | None = None
         self._accepted: set[tuple[int, ...]] = set()
         self._validated = _ValidatedInputs()
+        self._references: dict[tuple, object] = {}  # input signature → preflight reference
+        self._dense_proven: set[tuple] = set()
         self.plan = Report()
         """Every decision made for this network (routes, fast paths, demotions, fallbacks)
         with its reason; :meth:`explain` renders it."""
         if example is not None:
             self._check_X("Linearization", "example", example)
+
+    def __getstate__(self) -> dict:
+        # The preflight's references hold closures over the probe: pickling drops them with
+        # the accepted signatures, so the preflight runs again on first use after loading.
+        state = self.__dict__.copy()
+        state["_references"], state["_dense_proven"], state["_accepted"] = {}, set(), set()
+        return state
 
     def explain(self) -> str:
         """How products are computed for this network, and why: one line per decision.
@@ -347,7 +356,7 @@ class Linearization:
                     f"feature shape {feature_shape} or dtype the network rejects{seen}: {exc}"
                 ) from exc
             self._check_differentiable(where, X[:1])
-            self._preflight(where, X)
+            self._references[key] = self._preflight(where, X)
             o = out.shape[-1]
             if self._output_dim is not None and o != self._output_dim:
                 raise ValueError(
@@ -359,7 +368,7 @@ class Linearization:
         self._validated.add(X)
         return X
 
-    def _preflight(self, where: str, X: Tensor) -> None:
+    def _preflight(self, where: str, X: Tensor):
         """Establish what holds for this input signature; prove the engine's routes on it."""
         if torch.is_inference_mode_enabled():
             with torch.inference_mode(False):
@@ -391,6 +400,20 @@ class Linearization:
         if cache is not None:
             cache.clear()  # the probe's entries; counters count products on the caller's rows
             cache.reset_counts()
+        return ref
+
+    def _dense_ready(self, where: str, *inputs: Tensor) -> None:
+        """Prove the engine's dense route for the signatures of ``inputs`` (once each)."""
+        for X in inputs:
+            key = (tuple(X.shape[1:]), str(X.dtype))
+            if key in self._dense_proven:
+                continue
+            with self._eval_mode(), torch.enable_grad():
+                self.engine.prove_dense(where, self._references[key], self.plan)
+            cache = getattr(self.engine, "cache", None)
+            if cache is not None:
+                cache.reset_counts()
+            self._dense_proven.add(key)
 
     def _check_differentiable(self, where: str, X1: Tensor) -> None:
         """Refuse a network whose output has no gradient path to θ (argmax, round, detach).
@@ -552,6 +575,7 @@ class Linearization:
         """
         X = self._check_X("Linearization.ntk_diag", "X", X)
         scale = self._scale("Linearization.ntk_diag", variance)
+        self._dense_ready("Linearization.ntk_diag", X)
         with self._eval_mode():
             return self._over_rows(self.engine.ntk_diag, X, scale).reshape(-1)
 
@@ -566,6 +590,7 @@ class Linearization:
         scale = self._scale(where, variance)
         n1, n2 = X1.shape[0] * self._output_dim, X2.shape[0] * self._output_dim
         self._check_dense_memory(where, f"K of shape (N1·O, N2·O) = ({n1}, {n2})", n1 * n2)
+        self._dense_ready(where, X1, X2)
         with self._eval_mode():
             rows = []
             for c1 in self._chunks(X1.shape[0]):
@@ -584,6 +609,7 @@ class Linearization:
         self._check_dense_memory(
             "Linearization.jacobian", f"J of shape (N, O, P) = ({N}, {O}, {P})", N * O * P
         )
+        self._dense_ready("Linearization.jacobian", X)
         with self._eval_mode():
             return self._over_rows(self.engine.jacobian, X)
 

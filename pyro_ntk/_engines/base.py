@@ -79,15 +79,24 @@ class Engine(ABC):
 
     # ------------------------------------------------------------------ proof
     def prepare(self, where: str, ref: Reference, report: Report) -> None:
-        """Prove this engine's routes against the plain reference products on ``ref.X``.
+        """Prove this engine's products against the plain reference products on ``ref.X``.
 
-        Adopts the reference's push route and kernels, then checks ``J V``, ``Jᵀ U`` (three
-        times each with fresh vectors, so cached closures are replayed) and the dense rows,
-        falling back step by step (:meth:`fallbacks`) until they agree. Raises
-        ``ValueError`` when even the last fallback disagrees.
+        Adopts the reference's push route and kernels, then checks ``J V`` and ``Jᵀ U``
+        (three times each with fresh vectors on caching engines, so cached closures are
+        replayed), falling back step by step (:meth:`fallbacks`) until they agree. Raises
+        ``ValueError`` when even the last fallback disagrees. The dense routes are proven
+        separately, on first use (:meth:`prove_dense`).
         """
         self.adopt(ref)
         self._prove(where, "products", lambda: self._products_error(ref), self.fallbacks(), report)
+
+    def prove_dense(self, where: str, ref: Reference, report: Report) -> None:
+        """Prove the dense rows, diagonal and blocks on ``ref.X`` (and on ``O`` examples).
+
+        Falls back from ``vmap`` over examples to ``jacrev`` of the whole chunk, then to a
+        loop over examples. Called before the first dense product of each input signature;
+        it holds ``max(3, O)·O·P`` numbers for a moment.
+        """
         dense = [
             ("per-example Jacobian by a loop over examples", lambda: self._set_dense(Dense.LOOP)),
         ]
