@@ -30,7 +30,8 @@ from pyro_ntk._checks import (
     check_vector,
 )
 from pyro_ntk._engines import CachedEngine, Engine, FuncTorchEngine, StructuredEngine, make_plan
-from pyro_ntk._engines.preflight import Report, forward_checks, probe_rows, reference
+from pyro_ntk._engines.preflight import Report, forward_checks, probe_rows, reference, scan_ops
+from pyro_ntk._engines.routes import reference_kernels
 from pyro_ntk._memory import check_dense_memory
 from pyro_ntk._parameters import ParameterSpace, ParamSelector
 
@@ -382,6 +383,14 @@ class Linearization:
             engine.copy_inputs |= forward_checks(
                 where, self.network, self.space, engine.f_plain, X, report
             )
+            ref = reference(
+                where, self.network, self.space, engine.f_plain, probe_rows(X, 3), report
+            )
+            if ref.kernels:  # the ops that will run are those of the reference kernels
+                with reference_kernels():
+                    mutable, random = scan_ops(lambda: engine.f_plain(self.space.theta, ref.X))
+                report.mutable_ops |= mutable
+                report.random_ops |= random
             engine.routes.inplace = bool(report.mutable_ops)
             cache = getattr(engine, "cache", None)
             if (report.mutable_ops or report.random_ops) and cache is not None:
@@ -393,9 +402,6 @@ class Linearization:
                     f"the forward runs in-place or random-number ops {ops}, which a "
                     "torch.func.linearize graph replays on every call (its answer drifts)",
                 )
-            ref = reference(
-                where, self.network, self.space, engine.f_plain, probe_rows(X, 3), report
-            )
             engine.prepare(where, ref, report)
         if cache is not None:
             cache.clear()  # the probe's entries; counters count products on the caller's rows

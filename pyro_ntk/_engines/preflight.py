@@ -168,6 +168,14 @@ class _OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def scan_ops(f: Callable[[], object]) -> tuple[set[str], set[str]]:
+    """The mutating and the random ATen ops that running ``f()`` dispatches."""
+    ops = _OpRecorder()
+    with torch.no_grad(), ops:
+        f()
+    return ops.mutable, ops.random
+
+
 def where_it_fails(network: nn.Module, run: Callable[[], object]) -> tuple[str, Exception] | None:
     """Run ``run`` with module tracking; on an exception return the innermost module."""
     tracker = _Tracker(network)

@@ -339,6 +339,14 @@ class StructuredEngine(Engine):
             report.add(f"{name}{kind}", "generic", why)
         super().prepare(where, ref, report)
 
+    def fallbacks(self) -> list[tuple[str, object]]:
+        """As the cached engine: drop the generic part's linearize closure, then ``vmap``."""
+        return [("no torch.func.linearize closure", self._no_linearize), *super().fallbacks()]
+
+    def _no_linearize(self) -> None:
+        self.routes.cache_linearize = False
+        self.clear_cache()
+
     def _trace_batch_dims(self, X: Tensor) -> None:
         """Which dimension of each layer's input follows the number of examples (2 → 3)."""
         layers = self.plan.layers
