@@ -29,7 +29,14 @@ from pyro_ntk._checks import (
     check_tensor,
     check_vector,
 )
-from pyro_ntk._engines import CachedEngine, Engine, FuncTorchEngine, StructuredEngine, make_plan
+from pyro_ntk._engines import (
+    AutoEngine,
+    CachedEngine,
+    Engine,
+    FuncTorchEngine,
+    StructuredEngine,
+    make_plan,
+)
 from pyro_ntk._engines.preflight import Report, forward_checks, probe_rows, reference, scan_ops
 from pyro_ntk._engines.routes import reference_kernels
 from pyro_ntk._memory import check_dense_memory
@@ -52,8 +59,9 @@ class NTKImplementation(str, enum.Enum):
     Jacobian-free dense kernel; other parameters go through cached ``torch.func`` closures."""
 
     AUTO = "auto"
-    """Choose from the network's module types and sizes (``structured`` when Linear/Conv2d
-    layers hold most of the parameters, else ``cached``); see ``implementation_reason``."""
+    """Dense products from ``structured``; ``J V`` and ``Jᵀ U`` from ``structured`` or
+    ``cached``, whichever a timing on the first input finds faster (``cached`` when no layer
+    can be factored); see ``implementation_reason`` and :meth:`Linearization.explain`."""
 
 
 _ENGINES: dict[NTKImplementation, type[Engine]] = {
@@ -61,9 +69,6 @@ _ENGINES: dict[NTKImplementation, type[Engine]] = {
     NTKImplementation.CACHED: CachedEngine,
     NTKImplementation.STRUCTURED: StructuredEngine,
 }
-
-_STRUCTURED_SHARE = 0.5
-"""``auto`` picks ``structured`` when factored layers hold at least this share of P."""
 
 
 def _check_backward_hooks(where: str, network: nn.Module) -> None:
@@ -230,8 +235,7 @@ class Linearization:
             raise ValueError(
                 f"Linearization: implementation must be one of {choices}, got {implementation!r}."
             ) from None
-        self.implementation = self._choose(requested)
-        self.engine: Engine = _ENGINES[self.implementation](network, self.space)
+        self.engine: Engine = self._choose(requested)
         self._output_dim: int | None = None
         self._accepted: set[tuple[int, ...]] = set()
         self._validated = _ValidatedInputs()
@@ -260,27 +264,40 @@ class Linearization:
         head = f"engine {self.implementation.value!r} ({self.implementation_reason})"
         return f"{head}\n{self.plan.explain()}"
 
-    def _choose(self, requested: NTKImplementation) -> NTKImplementation:
-        """Resolve ``auto`` by module types and sizes; record why in ``implementation_reason``."""
+    def _choose(self, requested: NTKImplementation) -> Engine:
+        """The engine for ``requested``; ``auto`` without factorable layers is ``cached``."""
         if requested is not NTKImplementation.AUTO:
-            self.implementation_reason = f"requested {requested.value!r}"
-            return requested
+            self._reason = f"requested {requested.value!r}"
+            return _ENGINES[requested](self.network, self.space)
         plan = make_plan(self.network, self.space)
-        share = plan.structured_fraction(self.space)
-        kinds = sorted({layer.kind for layer in plan.layers})
-        if plan.layers and share >= _STRUCTURED_SHARE:
-            rest = f"; generic path for {plan.generic}" if plan.generic else ""
-            self.implementation_reason = (
-                f"auto: {kinds} layers hold {share:.0%} of the {self.num_params} linearized "
-                f"parameters{rest}"
+        if not plan.layers:
+            self._reason = (
+                f"auto: no Linear/Conv2d layer can be factored ({len(plan.generic)} parameter "
+                "tensors); generic closures cached per chunk"
             )
-            return NTKImplementation.STRUCTURED
-        self.implementation_reason = (
-            f"auto: Linear/Conv2d layers that can be factored hold {share:.0%} of the "
-            f"{self.num_params} linearized parameters (< {_STRUCTURED_SHARE:.0%}); generic "
-            f"closures cached per chunk"
+            return CachedEngine(self.network, self.space)
+        share = plan.structured_fraction(self.space)
+        self._reason = (
+            f"auto: factored layers hold {share:.0%} of the {self.num_params} linearized "
+            "parameters; dense products by 'structured', J·v and Jᵀu by the faster of "
+            "'structured' and 'cached', timed on the first input"
         )
-        return NTKImplementation.CACHED
+        return AutoEngine(self.network, self.space)
+
+    @property
+    def implementation(self) -> NTKImplementation:
+        """The engine computing ``J V`` and ``Jᵀ U`` (for ``auto``: the one the timing chose)."""
+        engine = self.engine
+        return NTKImplementation(getattr(engine, "products", engine).name)
+
+    @property
+    def implementation_reason(self) -> str:
+        """Why this engine: requested, or ``auto``'s rule and its timing figures."""
+        timings = getattr(self.engine, "timings", None)
+        if timings:
+            figures = ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in timings.items())
+            return f"{self._reason}: {figures} → {self.implementation.value!r}"
+        return self._reason
 
     def clear_cache(self) -> None:
         """Release the engine's per-chunk cache (activations or factors), if it keeps one."""
@@ -380,9 +397,10 @@ class Linearization:
         report = self.plan
         report.signatures.append(f"{tuple(X.shape[1:])} {X.dtype}")
         with self._eval_mode(), torch.enable_grad():
-            engine.copy_inputs |= forward_checks(
-                where, self.network, self.space, engine.f_plain, X, report
-            )
+            if forward_checks(where, self.network, self.space, engine.f_plain, X, report):
+                engine.set_copy_inputs(True)
+            if isinstance(engine, AutoEngine) and engine.timing_rows is None:
+                engine.timing_rows = probe_rows(X, min(X.shape[0], 64))
             ref = reference(
                 where, self.network, self.space, engine.f_plain, probe_rows(X, 3), report
             )
@@ -403,8 +421,8 @@ class Linearization:
                     "torch.func.linearize graph replays on every call (its answer drifts)",
                 )
             engine.prepare(where, ref, report)
-        if cache is not None:
-            cache.clear()  # the probe's entries; counters count products on the caller's rows
+        engine.clear_cache()  # the probe's entries
+        if cache is not None:  # counters count products on the caller's rows
             cache.reset_counts()
         return ref
 
