@@ -80,6 +80,132 @@ def lenet() -> nn.Module:
     )
 
 
+class _Residual(nn.Module):
+    """A ResNet basic block: conv-BN-ReLU-conv-BN plus a (projected) skip, then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, groups: int = 1):
+        super().__init__()
+        self.c1 = nn.Conv2d(c_in, c_out, 3, stride, 1, groups=groups, bias=False)
+        self.b1 = nn.BatchNorm2d(c_out)
+        self.c2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(c_out)
+        self.skip = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride > 1 or c_in != c_out
+            else nn.Identity()
+        )
+
+    def forward(self, x):
+        h = torch.relu(self.b1(self.c1(x)))
+        return torch.relu(self.b2(self.c2(h)) + self.skip(x))
+
+
+def resnet_small() -> nn.Module:
+    """ResNet-style CNN on 3×32×32: BatchNorm, residual adds, strided and grouped convs."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(inplace=True),
+        _Residual(16, 16),
+        _Residual(16, 32, stride=2, groups=2),
+        _Residual(32, 64, stride=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
+
+
+class _EncoderNet(nn.Module):
+    """Linear embedding, one TransformerEncoderLayer (d = 64, 4 heads), mean pool, head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(16, 64)
+        self.encoder = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+class _LSTMNet(nn.Module):
+    """One LSTM layer (hidden 64) over 8 steps, head on the last step."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(16, 64, batch_first=True)
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def zoo_cases(quick: bool) -> list[tuple[str, object, object, object]]:
+    """(name, make_network, make_inputs(n), params): the test zoo plus mid-size networks."""
+    tests = Path(__file__).resolve().parent.parent / "tests"
+    if str(tests) not in sys.path:
+        sys.path.insert(0, str(tests))
+    from zoo import ZOO  # the networks tests/test_zoo.py checks against dense references
+
+    cases = [(c.name, c.make_network, c.make_inputs, c.params) for c in ZOO]
+    if quick:
+        cases = cases[::4]
+    return cases + [
+        ("resnet_small 3×32×32", resnet_small, lambda n: torch.randn(n, 3, 32, 32), None),
+        ("encoder d=64, T=8", _EncoderNet, lambda n: torch.randn(n, 8, 16), None),
+        ("lstm h=64, T=8", _LSTMNet, lambda n: torch.randn(n, 8, 16), None),
+        ("mlp 32-256-256-10", lambda: mlp(32, 256, 2, 10), lambda n: torch.randn(n, 32), None),
+    ]
+
+
+ZOO_ENGINES = ("functorch", "cached", "structured", "auto")
+
+
+def zoo_table(repeats: int, quick: bool) -> tuple[str, dict]:
+    """Dense K (N = 64) and one K·v (N = 512) per engine, as ratios to the best engine."""
+    rows, worst = [], {"dense": 0.0, "kv": 0.0}
+    n_dense, n_kv = 64, (256 if quick else 512)
+    for name, make_network, make_inputs, params in zoo_cases(quick):
+        torch.manual_seed(0)
+        net = make_network().eval()
+        X_dense, X_kv = make_inputs(n_dense), make_inputs(n_kv)
+        lins = {e: Linearization(net, params, implementation=e) for e in ZOO_ENGINES}
+        for lin in lins.values():
+            lin(X_kv)  # the first input: preflight (and auto's timing) on the larger set
+            lin(X_dense)
+        O = lins["functorch"].output_dim(X_kv)
+        V = torch.randn(n_kv * O, 1)
+        dense = interleaved_min(
+            {e: (lambda lin=lin, X=X_dense: lin.ntk_dense(X)) for e, lin in lins.items()}, repeats
+        )
+        kv = interleaved_min(
+            {e: (lambda lin=lin, X=X_kv, V=V: lin.ntk_mvm(X, X, V)) for e, lin in lins.items()},
+            repeats,
+            number=BLOCK,
+        )
+        best_d = min(t for e, t in dense.items() if e != "auto")
+        best_k = min(t for e, t in kv.items() if e != "auto")
+        worst["dense"] = max(worst["dense"], dense["auto"] / best_d)
+        worst["kv"] = max(worst["kv"], kv["auto"] / best_k)
+        P = lins["functorch"].num_params
+        rows.append(
+            [name, P, f"{best_d * 1e3:.2f}"]
+            + [f"{dense[e] / best_d:.2f}" for e in ZOO_ENGINES]
+            + [f"{best_k * 1e3:.2f}"]
+            + [f"{kv[e] / best_k:.2f}" for e in ZOO_ENGINES]
+            + [lins["auto"].implementation.value]
+        )
+        print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    headers = (
+        ["network", "P", f"dense K, N={n_dense}: best ms"]
+        + [f"{e}" for e in ZOO_ENGINES]
+        + [f"K·v, N={n_kv}: best ms"]
+        + [f"{e}" for e in ZOO_ENGINES]
+        + ["auto's products"]
+    )
+    return markdown_table(headers, rows), worst
+
+
 # ---------------------------------------------------------------------------- baselines
 def forward_backward(net: nn.Module, X: torch.Tensor):
     params = list(net.parameters())
@@ -441,6 +567,14 @@ fit the caches (N = 10⁴, width 1024).
 """
 
 
+ZOO_NOTES = """\
+The networks are those of `tests/test_zoo.py` (tiny: a few hundred parameters, so most times
+are fixed costs) and four mid-size ones. `auto` takes dense products from the structured
+engine and J·v / Jᵀu from the faster of structured and cached, timed on the first input's
+first 64 rows; its column measures that choice end to end.
+"""
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="headline, CNN and a short sweep")
@@ -453,6 +587,11 @@ def main(argv=None) -> None:
         action="store_true",
         help="only the MLP 32-256-256-1, N=2000 case (for repeated runs); implies --no-write",
     )
+    parser.add_argument(
+        "--zoo",
+        action="store_true",
+        help="only the zoo table (every engine and auto on every zoo network)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="markdown file to update")
     args = parser.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 7)
@@ -461,6 +600,22 @@ def main(argv=None) -> None:
     header = machine()
     print(header, flush=True)
     t0 = time.perf_counter()
+    if args.zoo:
+        table, worst = zoo_table(repeats, args.quick)
+        command = "python benchmarks/bench_engine.py --zoo" + (" --quick" if args.quick else "")
+        body = (
+            f"Command: `{command}` (float32, {args.threads} threads, min of {repeats} "
+            f"interleaved rounds; {time.perf_counter() - t0:.0f} s). Machine: {header}.\n\n"
+            f"Each engine's time as a ratio to the fastest of functorch, cached and structured "
+            f"on that network (1.00 = fastest); K·v is the steady state of a CG solve (caches "
+            f"built). `auto` within 1.25× of the best everywhere (target): worst dense "
+            f"{worst['dense']:.2f}×, worst K·v {worst['kv']:.2f}×.\n\n{ZOO_NOTES}\n{table}"
+        )
+        print(body)
+        if not args.no_write:
+            write_section("Engine zoo", body, args.results)
+            print(f"\nwrote {args.results}")
+        return
     parts, fig = [], {}
     table, f = headline(repeats)
     print(table + "\n", flush=True)

@@ -366,14 +366,14 @@ class Linearization:
         if key not in self._accepted:
             try:
                 with self._eval_mode():
-                    out = self.engine.forward(X[:1])
+                    out = self.engine.forward(X[:1].clone())  # a forward may write its input
             except (RuntimeError, ValueError, TypeError, IndexError) as exc:
                 seen = f" (accepted so far: {sorted(self._accepted)})" if self._accepted else ""
                 raise ValueError(
                     f"{where}: {name} has shape {tuple(X.shape)} and dtype {X.dtype}, whose "
                     f"feature shape {feature_shape} or dtype the network rejects{seen}: {exc}"
                 ) from exc
-            self._check_differentiable(where, X[:1])
+            self._check_differentiable(where, X[:1].clone())
             self._references[key] = self._preflight(where, X)
             o = out.shape[-1]
             if self._output_dim is not None and o != self._output_dim:

@@ -83,6 +83,7 @@ class AutoEngine(Engine):
     # ------------------------------------------------------------------ proof and choice
     def prepare(self, where: str, ref: Reference, report: Report) -> None:
         """Prove both engines (until the shared routes settle), then time their products."""
+        self.adopt(ref)  # both engines share these routes
         for _ in range(3):
             before = vars(self.routes).copy()
             self.cached.prepare(where, ref, report)
@@ -103,7 +104,9 @@ class AutoEngine(Engine):
             return
         X = self.timing_rows if self.timing_rows is not None else ref.X
         O = ref.num_outputs
-        u = torch.randn(X.shape[0], O, 1, dtype=self.space.dtype, device=self.space.device)
+        gen = torch.Generator(device="cpu").manual_seed(4)  # the caller's RNG is not touched
+        u = torch.randn(X.shape[0], O, 1, generator=gen, dtype=self.space.dtype)
+        u = u.to(self.space.device)
         for name, engine in (("structured", self.structured), ("cached", self.cached)):
             engine.jvp(X, engine.vjp(X, u))  # builds the chunk's cache
             best = float("inf")

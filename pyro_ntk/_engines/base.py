@@ -116,10 +116,12 @@ class Engine(ABC):
 
     def adopt(self, ref: Reference) -> None:
         """Take the reference's push route and kernels (the more conservative ones stay)."""
+        before = (self.routes.push, self.routes.reference_kernels)
         if ref.route is Push.DOUBLE_VJP:
             self.routes.push = Push.DOUBLE_VJP
         self.routes.reference_kernels |= ref.kernels
-        self.clear_cache()
+        if (self.routes.push, self.routes.reference_kernels) != before:
+            self.clear_cache()  # entries built with the other route
 
     def fallbacks(self) -> list[tuple[str, object]]:
         """Adjustments tried in order when the products disagree with the reference."""

@@ -217,7 +217,9 @@ class EmpiricalNTK(Kernel):
     def _prepare(self, name: str, X: object) -> Tensor:
         # Inputs are constants: the NTK is a function of θ*, and its Jacobian engines do
         # not differentiate through the inputs (inducing points stay where they are).
-        X = check_tensor("EmpiricalNTK", name, X).detach()
+        X = check_tensor("EmpiricalNTK", name, X)
+        if X.requires_grad:  # otherwise the very tensor, so the engine's chunk cache hits
+            X = X.detach()
         if X.dim() == 1:
             X = X.unsqueeze(1)
         elif X.dim() == 2 and self._slicing:
