@@ -397,7 +397,10 @@ class Linearization:
         report = self.plan
         report.signatures.append(f"{tuple(X.shape[1:])} {X.dtype}")
         with self._eval_mode(), torch.enable_grad():
-            if forward_checks(where, self.network, self.space, engine.f_plain, X, report):
+            writes, mutable, random = forward_checks(
+                where, self.network, self.space, engine.f_plain, X, report
+            )
+            if writes:
                 engine.set_copy_inputs(True)
             if isinstance(engine, AutoEngine) and engine.timing_rows is None:
                 engine.timing_rows = probe_rows(X, min(X.shape[0], 64))
@@ -407,18 +410,19 @@ class Linearization:
             if ref.kernels:  # the ops that will run are those of the reference kernels
                 with reference_kernels():
                     mutable, random = scan_ops(lambda: engine.f_plain(self.space.theta, ref.X))
-                report.mutable_ops |= mutable
-                report.random_ops |= random
-            engine.routes.inplace = bool(report.mutable_ops)
+            first = len(report.signatures) == 1
+            engine.routes.inplace = bool(mutable) or (engine.routes.inplace and not first)
+            report.mutable_ops |= mutable
+            report.random_ops |= random
             cache = getattr(engine, "cache", None)
-            if (report.mutable_ops or report.random_ops) and cache is not None:
+            if (mutable or random) and cache is not None:
                 engine.routes.cache_linearize = False
-                ops = sorted(report.mutable_ops | report.random_ops)
                 report.add(
                     "linearize closure",
                     "off",
-                    f"the forward runs in-place or random-number ops {ops}, which a "
-                    "torch.func.linearize graph replays on every call (its answer drifts)",
+                    f"the forward runs in-place or random-number ops {sorted(mutable | random)}, "
+                    "which a torch.func.linearize graph replays on every call (its answer "
+                    "drifts)",
                 )
             engine.prepare(where, ref, report)
         engine.clear_cache()  # the probe's entries

@@ -61,7 +61,9 @@ class Report:
     decisions: list[Decision] = field(default_factory=list)
     signatures: list[str] = field(default_factory=list)
     mutable_ops: set[str] = field(default_factory=set)
+    """In-place ATen ops the forward runs (with the kernels the engine uses)."""
     random_ops: set[str] = field(default_factory=set)
+    """Random-number ATen ops the forward runs (with the kernels the engine uses)."""
 
     def add(self, subject: str, route: str, reason: str) -> None:
         """Record a decision (an identical one is kept once)."""
@@ -249,8 +251,11 @@ def forward_checks(
     f: Callable[[dict[str, Tensor], Tensor], Tensor],
     X: Tensor,
     report: Report,
-) -> bool:
-    """Determinism, independence and state checks; returns whether the forward writes its input.
+) -> tuple[bool, set[str], set[str]]:
+    """Determinism, independence and state checks.
+
+    Returns whether the forward writes into its input, and the mutating and the random ATen
+    ops it dispatched (with torch's default kernels).
 
     Raises ``ValueError`` for a random forward, interacting examples or a forward that writes
     into θ* or a buffer.
@@ -270,8 +275,6 @@ def forward_checks(
             out = f(theta, Xr)
         writes_input |= Xr._version != version
         runs.append((out, tracker, ops))
-    report.mutable_ops |= runs[0][2].mutable
-    report.random_ops |= runs[0][2].random | runs[1][2].random
     changed = [n for n, t in state.items() if t._version != before[n]]
     if changed:
         raise ValueError(
@@ -313,7 +316,7 @@ def forward_checks(
         "deterministic; examples independent"
         + ("; writes its input in place (inputs are copied first)" if writes_input else ""),
     )
-    return writes_input
+    return writes_input, runs[0][2].mutable, runs[0][2].random | runs[1][2].random
 
 
 def reference(

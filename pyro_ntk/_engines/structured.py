@@ -398,7 +398,12 @@ class StructuredEngine(Engine):
         bad = {}
         for layer, (two, three) in zip(layers, seen):
             if len(two) != 1 or len(three) != 1:
-                continue  # the chunk build names why (weight sharing, not run as a module)
+                bad[layer.module_name] = (
+                    f"the module ran {len(two)} times in one forward pass (weight sharing)"
+                    if two
+                    else "the module never ran as a module (its weights are used directly)"
+                )
+                continue
             (a2, z2), (a3, z3) = two[0], three[0]
             b = _example_dim(a2, a3) if len(a2) == len(a3) else None
             if b is None or _example_dim(z2, z3) != b or b == len(a2) - 1:
