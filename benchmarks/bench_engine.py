@@ -603,6 +603,8 @@ def main(argv=None) -> None:
     if args.zoo:
         table, worst = zoo_table(repeats, args.quick)
         command = "python benchmarks/bench_engine.py --zoo" + (" --quick" if args.quick else "")
+        if args.repeats:
+            command += f" --repeats {args.repeats}"
         body = (
             f"Command: `{command}` (float32, {args.threads} threads, min of {repeats} "
             f"interleaved rounds; {time.perf_counter() - t0:.0f} s). Machine: {header}.\n\n"
