@@ -172,7 +172,9 @@ class LinearizedLaplace:
         self.likelihood = likelihood
         self.layer_variances = bool(layer_variances)
         self.variance = _check_variance(where, variance, linearization, layer_variances)
-        self.noise = None if noise is None else _check_variance(where, noise, linearization, False)
+        self.noise = (
+            None if noise is None else _check_variance(where, noise, linearization, False, "noise")
+        )
         self.method = method
         self.rank = check_positive_int(where, "rank", rank)
         self.slq_probes = check_nonnegative_int(where, "slq_probes", slq_probes)

@@ -203,13 +203,20 @@ class LinearizedModel(PyroModule):
 
 
 def _check_variance(
-    where: str, variance: object, lin: Linearization, layer_variances: bool
+    where: str,
+    variance: object,
+    lin: Linearization,
+    layer_variances: bool,
+    name: str = "variance",
 ) -> Tensor:
-    """A positive scalar, or ``(G,)`` per-layer variances, as a tensor in the network's dtype."""
+    """A positive scalar, or ``(G,)`` per-layer variances, as a tensor in the network's dtype.
+
+    ``name`` is the argument's name in messages (``"noise"`` for a noise variance).
+    """
     G = len(lin.groups)
     if isinstance(variance, bool) or not isinstance(variance, (int, float, Tensor)):
         raise TypeError(
-            f"{where}: variance must be a positive float or tensor, got {type(variance).__name__}."
+            f"{where}: {name} must be a positive float or tensor, got {type(variance).__name__}."
         )
     v = torch.as_tensor(variance, dtype=lin.dtype, device=lin.device).detach().clone()
     ok_shape = v.dim() == 0 or (layer_variances and tuple(v.shape) == (G,))
@@ -217,9 +224,9 @@ def _check_variance(
         expected = (
             f"a scalar or ({G},) for the layers {lin.groups}" if layer_variances else "a scalar"
         )
-        raise ValueError(f"{where}: variance has shape {tuple(v.shape)}; expected {expected}.")
+        raise ValueError(f"{where}: {name} has shape {tuple(v.shape)}; expected {expected}.")
     if not bool(torch.isfinite(v).all()) or not bool((v > 0).all()):
-        raise ValueError(f"{where}: variance must be positive and finite, got {v.tolist()}.")
+        raise ValueError(f"{where}: {name} must be positive and finite, got {v.tolist()}.")
     if layer_variances and v.dim() == 0:
         v = v.expand(G).clone()
     return v

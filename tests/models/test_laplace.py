@@ -269,6 +269,10 @@ def test_bad_arguments_are_named():
         LinearizedLaplace(net, "softmax")
     with pytest.raises(ValueError, match="noise is required for, and only for"):
         LinearizedLaplace(net, "gaussian")
+    with pytest.raises(ValueError, match="noise must be positive and finite, got -1.0"):
+        LinearizedLaplace(net, "gaussian", noise=-1.0)
+    with pytest.raises(ValueError, match="variance must be positive"):
+        LinearizedLaplace(net, "gaussian", variance=0.0, noise=1.0)
     with pytest.raises(ValueError, match="method must be one of"):
         LinearizedLaplace(net, method="exact")
     with pytest.raises(RuntimeError, match="call fit"):
