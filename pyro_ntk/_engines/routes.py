@@ -11,7 +11,7 @@ A *route* is one way of evaluating a Jacobian product of ``f(θ, X)`` for one ch
   the whole chunk (``n·O`` cotangents through one pullback; exact because examples are
   independent), or a loop over examples;
 - **kernels**: torch's default kernels, or the reference kernels (the multi-head-attention
-  fast path off, ``scaled_dot_product_attention`` on its math backend, oneDNN off), which
+  fast path off, ``scaled_dot_product_attention`` on its math backend, oneDNN and cuDNN off), which
   compute the same function with ops that have forward-mode and double-backward formulas.
 
 Which route an engine uses is decided once per input signature by
@@ -78,8 +78,11 @@ def reference_kernels(enabled: bool = True) -> Iterator[None]:
 
     Turns off the ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` fast path
     (``torch.backends.mha``), pins ``scaled_dot_product_attention`` to its math backend and
-    turns oneDNN (mkldnn) off, restoring every switch afterwards. The function computed is
-    the same; only the kernels differ (observed agreement ~1e-16 in float64).
+    turns oneDNN (mkldnn) and cuDNN off, restoring every switch afterwards: CPU LSTMs leave
+    oneDNN's fused layer (no forward-mode formula), CUDA RNNs leave cuDNN's (not
+    differentiable twice). The function computed is the same; only the kernels differ
+    (observed agreement ~1e-16 in float64 on CPU). On a GPU the price is cuDNN's speed for
+    every convolution of a network that needs these kernels.
     """
     if not enabled:
         yield
@@ -92,7 +95,11 @@ def reference_kernels(enabled: bool = True) -> Iterator[None]:
         with warnings.catch_warnings():
             # torch's mkldnn.flags() warns about TF32 on Intel GPUs when it toggles oneDNN
             warnings.filterwarnings("ignore", message=".*TF32 acceleration.*")
-            with sdpa_kernel(SDPBackend.MATH), torch.backends.mkldnn.flags(enabled=False):
+            with (
+                sdpa_kernel(SDPBackend.MATH),
+                torch.backends.mkldnn.flags(enabled=False),
+                torch.backends.cudnn.flags(enabled=False),
+            ):
                 yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
