@@ -38,7 +38,7 @@ from pyro_ntk._engines import (
     make_plan,
 )
 from pyro_ntk._engines.preflight import Report, forward_checks, probe_rows, reference, scan_ops
-from pyro_ntk._engines.routes import reference_kernels
+from pyro_ntk._engines.routes import full_precision, reference_kernels
 from pyro_ntk._memory import check_dense_memory
 from pyro_ntk._parameters import ParameterSpace, ParamSelector
 
@@ -396,7 +396,7 @@ class Linearization:
         engine = self.engine
         report = self.plan
         report.signatures.append(f"{tuple(X.shape[1:])} {X.dtype}")
-        with self._eval_mode(), torch.enable_grad():
+        with self._eval_mode(), torch.enable_grad(), full_precision():
             writes, mutable, random = forward_checks(
                 where, self.network, self.space, engine.f_plain, X, report
             )
@@ -436,7 +436,7 @@ class Linearization:
             key = (tuple(X.shape[1:]), str(X.dtype))
             if key in self._dense_proven:
                 continue
-            with self._eval_mode(), torch.enable_grad():
+            with self._eval_mode(), torch.enable_grad(), full_precision():
                 self.engine.prove_dense(where, self._references[key], self.plan)
             cache = getattr(self.engine, "cache", None)
             if cache is not None:

@@ -199,3 +199,35 @@ def test_float32_lstm_is_exact_to_float32_precision(implementation):
         got = lin.ntk_mvm(X, X, V.float()).double()
         assert rel_err(got, J @ (J.T @ V)) <= 1e-4
     assert rel_err(lin.ntk_dense(X).double(), J @ J.T) <= 1e-4
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(1))
+
+
+def _switches() -> dict:
+    return {
+        "mha fast path": torch.backends.mha.get_fastpath_enabled(),
+        "cudnn": torch.backends.cudnn.enabled,
+        "cudnn tf32": torch.backends.cudnn.allow_tf32,
+        "matmul tf32": torch.backends.cuda.matmul.allow_tf32,
+        "mkldnn": torch.backends.mkldnn.enabled,
+    }
+
+
+def test_torch_switches_are_restored_after_reference_kernels():
+    # the attention fast path has no forward-mode formula: the reference kernels are used,
+    # and every global switch they (and the full-precision comparisons) touch comes back
+    before = _switches()
+    lin = Linearization(Attention())
+    X = torch.randn(4, 3, 4)
+    lin.ntk_dense(X)
+    lin.ntk_mvm(X, X, torch.randn(4))
+    assert "reference kernels" in lin.explain()
+    assert _switches() == before

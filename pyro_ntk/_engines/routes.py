@@ -105,6 +105,24 @@ def reference_kernels(enabled: bool = True) -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """TF32 off for cuDNN convolutions and CUDA matmuls (restored afterwards).
+
+    The preflight compares two routes to the same number; with TF32 (cuDNN's default for
+    float32 convolutions) each carries ~1e-3 relative error, as large as the float32
+    tolerance, so its comparisons run in full float32 precision. No effect on CPU.
+    """
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
 def columns(fn: Callable, batch: object, use_vmap: bool) -> object:
     """``fn`` over the leading dimension of every leaf of ``batch``: ``vmap`` or a loop."""
     if use_vmap:
