@@ -235,6 +235,8 @@ class Linearization:
             raise ValueError(
                 f"Linearization: implementation must be one of {choices}, got {implementation!r}."
             ) from None
+        self.requested = requested
+        """The implementation asked for (``auto`` stays ``auto``; see :attr:`implementation`)."""
         self.engine: Engine = self._choose(requested)
         self._output_dim: int | None = None
         self._accepted: set[tuple[int, ...]] = set()

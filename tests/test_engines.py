@@ -9,7 +9,7 @@ import torch
 from networks import CASE_IDS, CASES, assert_unchanged, snapshot
 from torch import nn
 
-from pyro_ntk import Linearization
+from pyro_ntk import Linearization, NTKImplementation
 from pyro_ntk.testing import reference_jacobian
 
 
@@ -287,3 +287,14 @@ def test_cache_built_inside_autograd_function_is_right(implementation):
     V = torch.randn(5, 2)
     assert rel_err(ProductInsideFunction.apply(V, lin, X), J @ (J.T @ V)) <= 1e-8
     assert rel_err(lin.ntk_mvm(X, None, V), J @ (J.T @ V)) <= 1e-8  # reused outside
+
+
+def test_a_converted_auto_linearization_stays_auto():
+    from pyro_ntk.operators import convert_linearization
+
+    mlp = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+    lin = Linearization(mlp)
+    lin(torch.randn(5, 3))  # auto has decided its products engine by now
+    converted = convert_linearization(lin, dtype=torch.float32)
+    assert converted.requested is NTKImplementation.AUTO
+    assert type(converted.engine) is type(lin.engine)

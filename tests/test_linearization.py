@@ -53,7 +53,7 @@ class Setup:
 
     def fresh(self, **kwargs) -> Linearization:
         return Linearization(
-            self.net, self.case.params, implementation=self.lin.implementation, **kwargs
+            self.net, self.case.params, implementation=self.lin.requested, **kwargs
         )
 
 
@@ -306,7 +306,7 @@ def test_ntk_dense_gradient(setup):
 # ---------------------------------------------------------------------- network hygiene
 def test_theta_is_a_copy(setup):
     net = setup.case.build(n=1, seed=0)[0]
-    lin = Linearization(net, setup.case.params, implementation=setup.lin.implementation)
+    lin = Linearization(net, setup.case.params, implementation=setup.lin.requested)
     X = setup.X1
     f0, J0 = lin(X), lin.jacobian(X)
     with torch.no_grad():

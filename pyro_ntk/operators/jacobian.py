@@ -187,7 +187,7 @@ def convert_linearization(
         network,
         params=list(root.space.names),
         chunk_size=root.chunk_size,
-        implementation=root.implementation,
+        implementation=root.requested,
     )
     cache[(dtype, device)] = converted
     _ORIGIN[converted] = weakref.ref(root)  # weak both ways: no cycle keeps copies alive
