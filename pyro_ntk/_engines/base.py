@@ -33,6 +33,8 @@ class Engine(ABC):
     """
 
     name: str = "base"
+    caches_closures: bool = False
+    """Whether the engine keeps per-chunk ``torch.func`` closures (replayed by later calls)."""
 
     def __init__(self, network: nn.Module, space: ParameterSpace):
         self.network = network
@@ -124,8 +126,19 @@ class Engine(ABC):
             self.clear_cache()  # entries built with the other route
 
     def fallbacks(self) -> list[tuple[str, object]]:
-        """Adjustments tried in order when the products disagree with the reference."""
-        return [("right-hand sides by a loop (no vmap)", self._no_vmap)]
+        """Adjustments tried in order when the products disagree with the reference.
+
+        Engines that keep closures first drop the ``linearize`` one; then every engine
+        loops over right-hand sides instead of ``vmap``.
+        """
+        steps = [("right-hand sides by a loop (no vmap)", self._no_vmap)]
+        if self.caches_closures:
+            steps.insert(0, ("no torch.func.linearize closure", self._no_linearize))
+        return steps
+
+    def _no_linearize(self) -> None:
+        self.routes.cache_linearize = False
+        self.clear_cache()
 
     def _no_vmap(self) -> None:
         self.routes.vmap_columns = False
@@ -158,7 +171,7 @@ class Engine(ABC):
         gen = torch.Generator(device="cpu").manual_seed(1)
         # fresh vectors on each call: an engine's cached closures are replayed (and a
         # linearize graph that drifts does so from the second call on)
-        for call in range(3 if hasattr(self, "cache") else 1):
+        for call in range(3 if self.caches_closures else 1):
             V = torch.randn(self.space.num_params, 2, generator=gen, dtype=self.space.dtype)
             V = V.to(self.space.device)
             try:

@@ -128,6 +128,7 @@ class CachedEngine(FuncTorchEngine):
     """
 
     name = "cached"
+    caches_closures = True
 
     def __init__(
         self,
@@ -141,14 +142,6 @@ class CachedEngine(FuncTorchEngine):
     def clear_cache(self) -> None:
         """Release every cached chunk."""
         self.cache.clear()
-
-    def fallbacks(self) -> list[tuple[str, object]]:
-        """Drop the linearize closure first, then batch nothing."""
-        return [("no torch.func.linearize closure", self._no_linearize), *super().fallbacks()]
-
-    def _no_linearize(self) -> None:
-        self.routes.cache_linearize = False
-        self.clear_cache()
 
     def _closures(self, X: Tensor) -> Closures:
         def build(Xc: Tensor) -> tuple[Closures, int]:

@@ -302,6 +302,7 @@ class StructuredEngine(Engine):
     """
 
     name = "structured"
+    caches_closures = True
 
     def __init__(
         self,
@@ -361,14 +362,6 @@ class StructuredEngine(Engine):
             kind = f" ({type(module).__name__})" if module is not None else ""
             report.add(f"{name}{kind}", "generic", why)
         super().prepare(where, ref, report)
-
-    def fallbacks(self) -> list[tuple[str, object]]:
-        """As the cached engine: drop the generic part's linearize closure, then ``vmap``."""
-        return [("no torch.func.linearize closure", self._no_linearize), *super().fallbacks()]
-
-    def _no_linearize(self) -> None:
-        self.routes.cache_linearize = False
-        self.clear_cache()
 
     def _trace_batch_dims(self, X: Tensor) -> None:
         """Which dimension of each layer's input follows the number of examples (2 → 3)."""
