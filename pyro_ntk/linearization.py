@@ -29,14 +29,7 @@ from pyro_ntk._checks import (
     check_tensor,
     check_vector,
 )
-from pyro_ntk._engines import (
-    AutoEngine,
-    CachedEngine,
-    Engine,
-    FuncTorchEngine,
-    StructuredEngine,
-    make_plan,
-)
+from pyro_ntk._engines import CachedEngine, Engine, FuncTorchEngine, StructuredEngine, make_plan
 from pyro_ntk._engines.preflight import Report, forward_checks, probe_rows, reference, scan_ops
 from pyro_ntk._engines.routes import full_precision, reference_kernels
 from pyro_ntk._memory import check_dense_memory
@@ -59,9 +52,10 @@ class NTKImplementation(str, enum.Enum):
     Jacobian-free dense kernel; other parameters go through cached ``torch.func`` closures."""
 
     AUTO = "auto"
-    """Dense products from ``structured``; ``J V`` and ``Jᵀ U`` from ``structured`` or
-    ``cached``, whichever a timing on the first input finds faster (``cached`` when no layer
-    can be factored); see ``implementation_reason`` and :meth:`Linearization.explain`."""
+    """``structured`` when any Linear/Conv2d layer can be factored, else ``cached``: a rule
+    measured on the engine zoo (``benchmarks/bench_engine.py --zoo``), where the structured
+    engine's dense products are the fastest or within 1.07× of them and its K·v within
+    1.16× of the cached closures' on every network; see ``implementation_reason``."""
 
 
 _ENGINES: dict[NTKImplementation, type[Engine]] = {
@@ -237,7 +231,9 @@ class Linearization:
             ) from None
         self.requested = requested
         """The implementation asked for (``auto`` stays ``auto``; see :attr:`implementation`)."""
-        self.engine: Engine = self._choose(requested)
+        self.implementation = self._choose(requested)
+        """The engine in use (``auto`` resolved)."""
+        self.engine: Engine = _ENGINES[self.implementation](network, self.space)
         self._output_dim: int | None = None
         self._accepted: set[tuple[int, ...]] = set()
         self._validated = _ValidatedInputs()
@@ -266,40 +262,25 @@ class Linearization:
         head = f"engine {self.implementation.value!r} ({self.implementation_reason})"
         return f"{head}\n{self.plan.explain()}"
 
-    def _choose(self, requested: NTKImplementation) -> Engine:
-        """The engine for ``requested``; ``auto`` without factorable layers is ``cached``."""
+    def _choose(self, requested: NTKImplementation) -> NTKImplementation:
+        """Resolve ``auto`` by the measured rule; record why in ``implementation_reason``."""
         if requested is not NTKImplementation.AUTO:
-            self._reason = f"requested {requested.value!r}"
-            return _ENGINES[requested](self.network, self.space)
+            self.implementation_reason = f"requested {requested.value!r}"
+            return requested
         plan = make_plan(self.network, self.space)
         if not plan.layers:
-            self._reason = (
+            self.implementation_reason = (
                 f"auto: no Linear/Conv2d layer can be factored ({len(plan.generic)} parameter "
                 "tensors); generic closures cached per chunk"
             )
-            return CachedEngine(self.network, self.space)
+            return NTKImplementation.CACHED
         share = plan.structured_fraction(self.space)
-        self._reason = (
+        self.implementation_reason = (
             f"auto: factored layers hold {share:.0%} of the {self.num_params} linearized "
-            "parameters; dense products by 'structured', J·v and Jᵀu by the faster of "
-            "'structured' and 'cached', timed on the first input"
+            "parameters; the structured engine (on the engine zoo its dense products are the "
+            "fastest or within 1.07× of them, and its K·v within 1.16× of the cached closures')"
         )
-        return AutoEngine(self.network, self.space)
-
-    @property
-    def implementation(self) -> NTKImplementation:
-        """The engine computing ``J V`` and ``Jᵀ U`` (for ``auto``: the one the timing chose)."""
-        engine = self.engine
-        return NTKImplementation(getattr(engine, "products", engine).name)
-
-    @property
-    def implementation_reason(self) -> str:
-        """Why this engine: requested, or ``auto``'s rule and its timing figures."""
-        timings = getattr(self.engine, "timings", None)
-        if timings:
-            figures = ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in timings.items())
-            return f"{self._reason}: {figures} → {self.implementation.value!r}"
-        return self._reason
+        return NTKImplementation.STRUCTURED
 
     def clear_cache(self) -> None:
         """Release the engine's per-chunk cache (activations or factors), if it keeps one."""
@@ -403,9 +384,7 @@ class Linearization:
                 where, self.network, self.space, engine.f_plain, X, report
             )
             if writes:
-                engine.set_copy_inputs(True)
-            if isinstance(engine, AutoEngine) and engine.timing_rows is None:
-                engine.timing_rows = probe_rows(X, min(X.shape[0], 64))
+                engine.copy_inputs = True
             ref = reference(
                 where, self.network, self.space, engine.f_plain, probe_rows(X, 3), report
             )

@@ -5,12 +5,9 @@ and shape handling live in :class:`~pyro_ntk.Linearization`, in one place.
 
 - ``functorch``: ``torch.func`` vjp + jvp under ``vmap`` (generic, nothing cached);
 - ``cached``: the same closures, built once per (chunk, θ*) and reused;
-- ``structured``: per-layer factors of Linear/Conv2d layers, generic closures for the rest;
-- ``auto``: dense products from ``structured``, matrix-free ones from the faster of
-  ``structured`` and ``cached`` (timed on the first input).
+- ``structured``: per-layer factors of Linear/Conv2d layers, generic closures for the rest.
 """
 
-from pyro_ntk._engines.auto import AutoEngine as AutoEngine
 from pyro_ntk._engines.base import Engine as Engine
 from pyro_ntk._engines.cached import CachedEngine as CachedEngine
 from pyro_ntk._engines.functorch import FuncTorchEngine as FuncTorchEngine

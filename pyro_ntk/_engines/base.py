@@ -42,10 +42,6 @@ class Engine(ABC):
         self.routes = Routes()
         self.copy_inputs = False  # set by the preflight when the forward writes its input
 
-    def set_copy_inputs(self, value: bool) -> None:
-        """Copy inputs before every forward (for a forward that writes into its input)."""
-        self.copy_inputs = value
-
     def f(self, theta: dict[str, Tensor], X: Tensor) -> Tensor:
         """The network as a function of its linearized parameters, output ``(n, O)``."""
         with reference_kernels(self.routes.reference_kernels):

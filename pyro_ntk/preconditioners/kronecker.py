@@ -93,7 +93,6 @@ def kronecker_columns(
         (torch.Size([30, 10]), True)
     """
     engine = linearization.engine
-    engine = getattr(engine, "structured", engine)  # auto: the structured engine's factors
     if not isinstance(engine, StructuredEngine) or pool < 1:
         return None
     X = linearization._check_X("kronecker_columns", "X", X)  # the preflight traces the layers
