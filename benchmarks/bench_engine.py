@@ -569,9 +569,8 @@ fit the caches (N = 10⁴, width 1024).
 
 ZOO_NOTES = """\
 The networks are those of `tests/test_zoo.py` (tiny: a few hundred parameters, so most times
-are fixed costs) and four mid-size ones. `auto` takes dense products from the structured
-engine and J·v / Jᵀu from the faster of structured and cached, timed on the first input's
-first 64 rows; its column measures that choice end to end.
+are fixed costs) and four mid-size ones. `auto` is the structured engine whenever a layer can
+be factored and the cached one otherwise; its column measures that rule end to end.
 """
 
 
