@@ -585,6 +585,16 @@ closures' tangent pass when the contenders interleave (1.06× when timed alone).
 """
 
 
+def _command(args: argparse.Namespace, *extra: str) -> str:
+    """The command line that reproduces this run, for RESULTS.md."""
+    parts = ["python benchmarks/bench_engine.py", *extra]
+    if args.quick:
+        parts.append("--quick")
+    if args.repeats:
+        parts.append(f"--repeats {args.repeats}")
+    return " ".join(parts)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="headline, CNN and a short sweep")
@@ -612,9 +622,7 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     if args.zoo:
         table, worst = zoo_table(repeats, args.quick)
-        command = "python benchmarks/bench_engine.py --zoo" + (" --quick" if args.quick else "")
-        if args.repeats:
-            command += f" --repeats {args.repeats}"
+        command = _command(args, "--zoo")
         body = (
             f"Command: `{command}` (float32, {args.threads} threads, min of {repeats} "
             f"interleaved rounds; {time.perf_counter() - t0:.0f} s). Machine: {header}.\n\n"
@@ -655,9 +663,7 @@ def main(argv=None) -> None:
         fig.update(f)
     summary = targets(fig)
     print(summary)
-    command = "python benchmarks/bench_engine.py" + (" --quick" if args.quick else "")
-    if args.repeats:
-        command += f" --repeats {args.repeats}"
+    command = _command(args)
     body = (
         f"Command: `{command}` (float32, min of {repeats} interleaved rounds of "
         f"{BLOCK} back-to-back calls per contender; "
