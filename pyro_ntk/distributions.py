@@ -25,7 +25,7 @@ from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor, nn
 
 from pyro_ntk._checks import check_choice, check_finite, check_tensor
-from pyro_ntk.linearization import Linearization
+from pyro_ntk.linearization import Linearization, as_linearization
 
 # re-exported: their old import path (pyro_ntk.distributions) keeps working
 from pyro_ntk.ntk_system import PRECONDITIONERS as PRECONDITIONERS
@@ -37,22 +37,6 @@ from pyro_ntk.solvers import available_memory as available_memory
 from pyro_ntk.solvers import choose_solver as choose_solver
 
 __all__ = ["LinearizedNetwork"]
-
-
-def _linearization(where: str, network: object, params, chunk_size) -> Linearization:
-    if isinstance(network, Linearization):
-        if params is not None or chunk_size is not None:
-            raise ValueError(
-                f"{where}: params and chunk_size must be None when network is already a "
-                f"Linearization (got params={params!r}, chunk_size={chunk_size!r})."
-            )
-        return network
-    if not isinstance(network, nn.Module):
-        raise TypeError(
-            f"{where}: network must be a torch.nn.Module or a pyro_ntk.Linearization, got "
-            f"{type(network).__name__}."
-        )
-    return Linearization(network, params, chunk_size=chunk_size)
 
 
 def check_positive(where: str, name: str, value: object, lin: Linearization) -> Tensor:
@@ -203,7 +187,7 @@ class LinearizedNetwork(TorchDistribution):
             if X is not system.X:
                 raise ValueError(f"{where}: X must be the system's X when system is given.")
         else:
-            lin = _linearization(where, network, params, chunk_size)
+            lin = as_linearization(where, network, params, chunk_size)
             X = check_tensor(where, "X", X)
             system = NTKSystem(
                 lin,

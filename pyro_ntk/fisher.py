@@ -159,7 +159,7 @@ class FisherLinearOperator(LinearOperator):
         check_linearization(where, linearization)
         check_choice(where, "likelihood", likelihood, LIKELIHOODS)
         check_choice(where, "method", method, METHODS)
-        X = linearization._check_X(where, "X", X)
+        X = linearization.check_inputs(where, "X", X)
         N, O = X.shape[0], linearization.output_dim(X)
         noise_t = None
         if likelihood == "gaussian":

@@ -24,16 +24,18 @@ from torch import Tensor, nn
 
 from pyro_ntk._checks import (
     check_finite,
-    check_inputs,
     check_positive_int,
     check_tensor,
     check_vector,
+)
+from pyro_ntk._checks import (
+    check_inputs as check_input_tensor,
 )
 from pyro_ntk._engines import CachedEngine, Engine, FuncTorchEngine, StructuredEngine, make_plan
 from pyro_ntk._engines.preflight import Report, forward_checks, probe_rows, reference, scan_ops
 from pyro_ntk._engines.routes import full_precision, reference_kernels
 from pyro_ntk._memory import check_dense_memory
-from pyro_ntk._parameters import ParameterSpace, ParamSelector
+from pyro_ntk.parameters import ParameterSpace, ParamSelector
 
 
 class NTKImplementation(str, enum.Enum):
@@ -119,7 +121,7 @@ def _check_backward_hooks(where: str, network: nn.Module) -> None:
 
 
 class _ValidatedInputs:
-    """Inputs that passed :meth:`Linearization._check_X`, until they change (internal).
+    """Inputs that passed :meth:`Linearization.check_inputs`, until they change (internal).
 
     An entry is keyed like the engines' chunk cache: the tensor object (held by a weak
     reference, so a dead tensor whose ``id`` is reused never matches), its storage offset,
@@ -244,7 +246,7 @@ class Linearization:
         """Every decision made for this network (routes, fast paths, demotions, fallbacks)
         with its reason; :meth:`explain` renders it."""
         if example is not None:
-            self._check_X("Linearization", "example", example)
+            self.check_inputs("Linearization", "example", example)
 
     def __getstate__(self) -> dict:
         # The preflight's references hold closures over the probe: pickling drops them with
@@ -317,7 +319,7 @@ class Linearization:
 
     def output_dim(self, X: Tensor) -> int:
         """O, the number of outputs per example (validates ``X``)."""
-        self._check_X("Linearization.output_dim", "X", X)
+        self.check_inputs("Linearization.output_dim", "X", X)
         return self._output_dim
 
     # ------------------------------------------------------------------ validation
@@ -334,7 +336,26 @@ class Linearization:
             for m, flag in flags:
                 m.training = flag
 
-    def _check_X(self, where: str, name: str, X: object) -> Tensor:
+    def check_inputs(self, where: str, name: str, X: object) -> Tensor:
+        """Validate inputs ``X`` ``(N, ...)`` for this network; the one check of every public entry.
+
+        A tensor of the network's device, a floating dtype equal to the network's (integer
+        inputs such as token ids pass as they are), finite, with at least one row. The first
+        input of each feature shape and dtype also runs the preflight (the network's
+        determinism, independence of examples, state writes, the proven product routes);
+        a tensor validated before and unchanged since passes without another pass.
+
+        Args:
+            where: the public entry point, first in every message.
+            name: the argument's name, for the message.
+            X: the candidate inputs.
+
+        Returns:
+            ``X`` (detached when it requires grad: no gradient reaches the inputs).
+
+        Raises:
+            TypeError, ValueError: naming ``where``, ``name``, what was given and what was expected.
+        """
         # Inputs are data: one that requires grad is accepted and detached (no gradient
         # reaches X on any engine, consistently; see the class docstring).
         if isinstance(X, Tensor) and X.requires_grad:
@@ -344,7 +365,7 @@ class Linearization:
         if isinstance(X, Tensor) and X in self._validated:
             return X
         _check_backward_hooks(where, self.network)  # also those registered after construction
-        X = check_inputs(where, name, X, self.dtype, self.device)
+        X = check_input_tensor(where, name, X, self.dtype, self.device)
         feature_shape = tuple(X.shape[1:])
         key = (feature_shape, str(X.dtype))  # integer inputs (token ids) vary in dtype
         if key not in self._accepted:
@@ -494,13 +515,13 @@ class Linearization:
     # ------------------------------------------------------------------ products
     def __call__(self, X: Tensor) -> Tensor:
         """f(X; θ*), shape ``(N, O)``."""
-        X = self._check_X("Linearization", "X", X)
+        X = self.check_inputs("Linearization", "X", X)
         with self._eval_mode():
             return self._over_rows(self.engine.forward, X)
 
     def jvp(self, X: Tensor, v: Tensor) -> Tensor:
         """J(X) v: ``v`` of shape ``(P,)`` or ``(P, k)`` gives ``(N, O)`` or ``(N, O, k)``."""
-        X = self._check_X("Linearization.jvp", "X", X)
+        X = self.check_inputs("Linearization.jvp", "X", X)
         v = check_vector("Linearization.jvp", "v", v, self.num_params, self.dtype, self.device, "P")
         V = v if v.dim() == 2 else v.unsqueeze(-1)
         with self._eval_mode():
@@ -509,7 +530,7 @@ class Linearization:
 
     def vjp(self, X: Tensor, u: Tensor) -> Tensor:
         """J(X)ᵀ u: ``u`` of shape ``(N, O)`` or ``(N, O, k)`` gives ``(P,)`` or ``(P, k)``."""
-        X = self._check_X("Linearization.vjp", "X", X)
+        X = self.check_inputs("Linearization.vjp", "X", X)
         N, O = X.shape[0], self._output_dim
         u = check_tensor("Linearization.vjp", "u", u)
         if u.dim() not in (2, 3) or tuple(u.shape[:2]) != (N, O):
@@ -561,8 +582,8 @@ class Linearization:
             over ``X1``, all ``k`` columns batched.
         """
         where = "Linearization.ntk_mvm"
-        X1 = self._check_X(where, "X1", X1)
-        X2 = X1 if X2 is None or X2 is X1 else self._check_X(where, "X2", X2)
+        X1 = self.check_inputs(where, "X1", X1)
+        X2 = X1 if X2 is None or X2 is X1 else self.check_inputs(where, "X2", X2)
         O = self._output_dim
         N2 = X2.shape[0]
         V = check_vector(where, "V", V, N2 * O, self.dtype, self.device, "N2·O")
@@ -583,7 +604,7 @@ class Linearization:
         Entry ``n·O + o`` is ``Σ_g σ_g² ‖∂f_o(x_n)/∂θ_g‖²``. Cost: ``O`` per-example
         backward passes per input; memory ``chunk_size·O·P``.
         """
-        X = self._check_X("Linearization.ntk_diag", "X", X)
+        X = self.check_inputs("Linearization.ntk_diag", "X", X)
         scale = self._scale("Linearization.ntk_diag", variance)
         self._dense_ready("Linearization.ntk_diag", X)
         with self._eval_mode():
@@ -594,9 +615,9 @@ class Linearization:
     ) -> Tensor:
         """Dense K(X1, X2), shape ``(N1·O, N2·O)``, built chunk by chunk (small problems)."""
         where = "Linearization.ntk_dense"
-        X1 = self._check_X(where, "X1", X1)
+        X1 = self.check_inputs(where, "X1", X1)
         same = X2 is None
-        X2 = X1 if same else self._check_X(where, "X2", X2)
+        X2 = X1 if same else self.check_inputs(where, "X2", X2)
         scale = self._scale(where, variance)
         n1, n2 = X1.shape[0] * self._output_dim, X2.shape[0] * self._output_dim
         self._check_dense_memory(where, f"K of shape (N1·O, N2·O) = ({n1}, {n2})", n1 * n2)
@@ -614,7 +635,7 @@ class Linearization:
 
     def jacobian(self, X: Tensor) -> Tensor:
         """Dense Jacobian ``(N, O, P)`` (small problems and tests)."""
-        X = self._check_X("Linearization.jacobian", "X", X)
+        X = self.check_inputs("Linearization.jacobian", "X", X)
         N, O, P = X.shape[0], self._output_dim, self.num_params
         self._check_dense_memory(
             "Linearization.jacobian", f"J of shape (N, O, P) = ({N}, {O}, {P})", N * O * P
@@ -648,6 +669,32 @@ class Linearization:
             f"groups={len(self.groups)}, implementation={self.implementation.value!r}, "
             f"chunk_size={self.chunk_size})"
         )
+
+
+def as_linearization(
+    where: str,
+    network: nn.Module | Linearization,
+    params: ParamSelector = None,
+    chunk_size: int | None = None,
+) -> Linearization:
+    """The :class:`Linearization` behind every public class's ``network`` argument.
+
+    A ``Linearization`` is used as it is (so a kernel and a mean built from it share one
+    θ* copy); an ``nn.Module`` is linearized with ``params`` and ``chunk_size``.
+    """
+    if isinstance(network, Linearization):
+        if params is not None or chunk_size is not None:
+            raise ValueError(
+                f"{where}: params and chunk_size must be None when network is already a "
+                f"Linearization (got params={params!r}, chunk_size={chunk_size!r})."
+            )
+        return network
+    if not isinstance(network, nn.Module):
+        raise TypeError(
+            f"{where}: network must be a torch.nn.Module or a pyro_ntk.Linearization, got "
+            f"{type(network).__name__}."
+        )
+    return Linearization(network, params, chunk_size=chunk_size)
 
 
 def check_linearization(where: str, linearization: object) -> Linearization:

@@ -67,7 +67,7 @@ class NetworkMean(nn.Module):
         X = check_tensor("NetworkMean", "X", X)
         if X.dim() == 1:
             X = X.unsqueeze(1)
-        X = self._lin._check_X("NetworkMean", "X", X)
+        X = self._lin.check_inputs("NetworkMean", "X", X)
         out = self._lin(X)  # (N, O), no graph to θ
         O = out.shape[1]
         if self.output is not None:

@@ -119,7 +119,7 @@ class NTKSystem:
                 f"{where}: cg_tolerance must be a positive float, got {cg_tolerance!r}."
             )
         self.lin = linearization
-        self.X = linearization._check_X(where, "X", X)
+        self.X = linearization.check_inputs(where, "X", X)
         self.N = X.shape[0]
         self.O = linearization.output_dim(X)
         self.size = self.N * self.O

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pyro_ntk import Linearization
-from pyro_ntk._parameters import ParameterSpace
+from pyro_ntk.parameters import ParameterSpace
 
 
 def _net() -> nn.Module:

@@ -18,7 +18,7 @@ from pyro_ntk._engines.preflight import (
 )
 from pyro_ntk._engines.preflight import relative_error as _relative_error
 from pyro_ntk._engines.routes import Dense, Push, Routes, dense_rows, reference_kernels
-from pyro_ntk._parameters import ParameterSpace
+from pyro_ntk.parameters import ParameterSpace
 
 
 class Engine(ABC):

@@ -33,7 +33,7 @@ from torch.func import linearize, vjp
 from pyro_ntk._engines._cache import DEFAULT_CACHE_BYTES, ChunkCache
 from pyro_ntk._engines.functorch import FuncTorchEngine
 from pyro_ntk._engines.routes import Push, Routes, columns, pull_columns, push_columns
-from pyro_ntk._parameters import ParameterSpace
+from pyro_ntk.parameters import ParameterSpace
 
 
 @dataclass

@@ -38,7 +38,7 @@ from torch.func import jvp, vjp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyro_ntk._engines.routes import Push, double_vjp, reference_kernels
-from pyro_ntk._parameters import ParameterSpace
+from pyro_ntk.parameters import ParameterSpace
 
 
 @dataclass

@@ -59,7 +59,7 @@ from pyro_ntk._engines.preflight import (
     tolerance,
 )
 from pyro_ntk._engines.routes import dense_rows, pull_columns
-from pyro_ntk._parameters import ParameterSpace
+from pyro_ntk.parameters import ParameterSpace
 
 
 @dataclass

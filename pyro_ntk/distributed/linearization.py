@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pyro_ntk._parameters import ParamSelector
 from pyro_ntk.distributed.comm import Communicator
 from pyro_ntk.linearization import Linearization, NTKImplementation
+from pyro_ntk.parameters import ParamSelector
 
 __all__ = ["ShardedLinearization"]
 
@@ -101,8 +101,8 @@ class ShardedLinearization(Linearization):
 
         A collective (one all-gather of ``X2``'s rows). ``X2 = None`` means ``X1``.
         """
-        X1 = self._check_X("ShardedLinearization.ntk_dense", "X1", X1)
-        X2 = X1 if X2 is None else self._check_X("ShardedLinearization.ntk_dense", "X2", X2)
+        X1 = self.check_inputs("ShardedLinearization.ntk_dense", "X1", X1)
+        X2 = X1 if X2 is None else self.check_inputs("ShardedLinearization.ntk_dense", "X2", X2)
         gathered, _ = self.comm.all_gather_rows(X2)
         return self.local_ntk_dense(X1, gathered, variance)
 

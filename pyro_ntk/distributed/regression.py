@@ -236,7 +236,7 @@ class ShardedNTKRegression:
             raise ValueError(f"{where}: cg_tolerance must be in (0, 1), got {cg_tolerance!r}.")
         if isinstance(jitter, bool) or not (isinstance(jitter, float | int) and jitter >= 0):
             raise ValueError(f"{where}: jitter must be a float >= 0, got {jitter!r}.")
-        self.X = lin._check_X(where, "X", X)
+        self.X = lin.check_inputs(where, "X", X)
         N, O = self.X.shape[0], lin.output_dim(self.X)
         y = check_tensor(where, "y", y)
         if not ((y.shape == (N,) and O == 1) or y.shape == (N, O)):
@@ -360,7 +360,7 @@ class ShardedNTKRegression:
         """
         where = "ShardedNTKRegression.predict_mean"
         lin = self.linearization
-        Xnew = lin._check_X(where, "Xnew", Xnew)
+        Xnew = lin.check_inputs(where, "Xnew", Xnew)
         mean = self._mean(Xnew) + lin.jvp(Xnew, self.weights)
         return self._shape(mean, Xnew.shape[0])
 
@@ -390,7 +390,7 @@ class ShardedNTKRegression:
         if Xnew is None:
             local = self.X.new_zeros((0, *self.X.shape[1:]))
         else:
-            local = lin._check_X(where, "Xnew", Xnew)
+            local = lin.check_inputs(where, "Xnew", Xnew)
         if self._weights is None:
             self.fit()
         gathered, mine = self.comm.all_gather_rows(local)

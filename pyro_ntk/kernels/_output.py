@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from pyro_ntk._parameters import ParamSelector
 from pyro_ntk.linearization import Linearization
+from pyro_ntk.parameters import ParamSelector
 
 PREFIX = "network."
 

@@ -19,9 +19,9 @@ from pyro.nn.module import PyroParam
 from torch import Tensor, nn
 
 from pyro_ntk._checks import check_tensor
-from pyro_ntk._parameters import ParamSelector
 from pyro_ntk.kernels._output import check_output, output_linearization, unprefixed_group
 from pyro_ntk.linearization import Linearization
+from pyro_ntk.parameters import ParamSelector
 
 
 def initial_variance(
@@ -224,7 +224,7 @@ class EmpiricalNTK(Kernel):
             X = X.unsqueeze(1)
         elif X.dim() == 2 and self._slicing:
             X = self._slice_input(X)
-        return self._lin._check_X("EmpiricalNTK", name, X)
+        return self._lin.check_inputs("EmpiricalNTK", name, X)
 
     def forward(self, X: Tensor, Z: Tensor | None = None, diag: bool = False) -> Tensor:
         r"""The Gram matrix ``K(X, Z)`` (``N × M``), or its diagonal ``K(X, X)`` (``N``).

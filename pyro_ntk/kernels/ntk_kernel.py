@@ -19,11 +19,11 @@ from gpytorch.kernels import Kernel
 from gpytorch.priors import Prior
 from torch import Tensor, nn
 
-from pyro_ntk._parameters import ParamSelector
 from pyro_ntk.kernels._output import check_output, output_linearization, unprefixed_group
 from pyro_ntk.kernels.empirical_ntk import initial_variance
 from pyro_ntk.linearization import Linearization
 from pyro_ntk.operators import NTKLinearOperator, convert_linearization
+from pyro_ntk.parameters import ParamSelector
 
 
 class NTKKernel(Kernel):
@@ -186,7 +186,7 @@ class NTKKernel(Kernel):
                     f"{self.input_shape} needs {D}."
                 )
             x = x.reshape(*x.shape[:-1], *self.input_shape)
-        return self._lin._check_X("NTKKernel", name, x.detach())
+        return self._lin.check_inputs("NTKKernel", name, x.detach())
 
     def num_outputs_per_input(self, x1: Tensor, x2: Tensor) -> int:
         """``O`` for a multi-output network with ``output=None``, else 1."""

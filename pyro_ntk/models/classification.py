@@ -84,7 +84,7 @@ def ntk_gp_classifier(
     """
     where = "ntk_gp_classifier"
     lin = Linearization(network)
-    X = lin._check_X(where, "X", X)
+    X = lin.check_inputs(where, "X", X)
     O = lin.output_dim(X)
     likelihood_name = "bernoulli" if O == 1 else "categorical"
     y = check_targets(where, likelihood_name, y, X.shape[0], O, lin.dtype)
@@ -102,7 +102,7 @@ def ntk_gp_classifier(
             X, y, kernel, likelihood, mean_function=mean, latent_shape=latent_shape,
             whiten=whiten, jitter=jitter,
         )  # fmt: skip
-    Xu = lin._check_X(where, "Xu", Xu)
+    Xu = lin.check_inputs(where, "Xu", Xu)
     return gp.models.VariationalSparseGP(
         X, y, kernel, Xu.clone(), likelihood, mean_function=mean, latent_shape=latent_shape,
         num_data=num_data, whiten=whiten, jitter=jitter,

@@ -58,7 +58,6 @@ from pyro_ntk._checks import (
     check_positive_int,
     check_tensor,
 )
-from pyro_ntk._parameters import ParamSelector
 from pyro_ntk.fisher import FisherLinearOperator
 from pyro_ntk.linearization import Linearization, check_linearization
 from pyro_ntk.models._laplace_kernel import _KernelMAP, block_left, block_sandwich
@@ -69,6 +68,7 @@ from pyro_ntk.models._likelihoods import (
     check_targets,
 )
 from pyro_ntk.models.linearized import _check_variance
+from pyro_ntk.parameters import ParamSelector
 from pyro_ntk.preconditioners import EigenPreconditioner
 from pyro_ntk.solvers import SolverDiagnostics, cholesky_with_jitter, solve_damped
 
@@ -210,7 +210,7 @@ class LinearizedLaplace:
         return self.prior_std(variance) / math.sqrt(self.temperature)
 
     def _check_data(self, where: str, X: Tensor, y: object) -> tuple[Tensor, Tensor, int]:
-        X = self.lin._check_X(where, "X", X)
+        X = self.lin.check_inputs(where, "X", X)
         O = self.lin.output_dim(X)
         if self.likelihood == "categorical" and O < 2:
             raise ValueError(
@@ -519,7 +519,7 @@ class LinearizedLaplace:
         """
         where = "LinearizedLaplace.predictive_f"
         self._require_fit(where)
-        X = self.lin._check_X(where, "X", X)
+        X = self.lin.check_inputs(where, "X", X)
         check_positive_int(where, "chunk_size", chunk_size)
         S, U, lam = self.prior_std(), self._U, self._lam
         V = torch.cat([self.delta[:, None], S[:, None] * U], dim=1)  # (P, 1 + r)
@@ -569,7 +569,7 @@ class LinearizedLaplace:
         check_positive_int(where, "num_samples", num_samples)
         if method in ("probit", "map"):
             if method == "map":
-                X = self.lin._check_X(where, "X", X)
+                X = self.lin.check_inputs(where, "X", X)
                 check_positive_int(where, "chunk_size", chunk_size)
                 mu = torch.cat([
                     self.lin(Xc) + self.lin.jvp(Xc, self.delta) for Xc in X.split(chunk_size)
@@ -586,7 +586,7 @@ class LinearizedLaplace:
             else:
                 out = mu
         else:
-            X = self.lin._check_X(where, "X", X)
+            X = self.lin.check_inputs(where, "X", X)
             draws = (self.delta + self.sample(num_samples, generator=generator)).T  # (P, S)
             outs = []
             for start in range(0, X.shape[0], chunk_size):

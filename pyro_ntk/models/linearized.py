@@ -22,8 +22,8 @@ from pyro.poutine.plate_messenger import PlateMessenger
 from torch import Tensor, nn
 
 from pyro_ntk._checks import check_tensor
-from pyro_ntk._parameters import ParamSelector
 from pyro_ntk.linearization import Linearization, check_linearization
+from pyro_ntk.parameters import ParamSelector
 
 # Plates that Pyro itself opens to vectorise over particles or predictive samples: δ
 # *should* carry their batch dimension.

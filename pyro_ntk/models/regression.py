@@ -25,11 +25,10 @@ from torch import Tensor, nn
 from pyro_ntk._checks import check_choice, check_finite, check_positive_int, check_tensor
 from pyro_ntk.distributions import (
     LinearizedNetwork,
-    _linearization,
     check_jitter,
     check_positive,
 )
-from pyro_ntk.linearization import Linearization
+from pyro_ntk.linearization import Linearization, as_linearization
 from pyro_ntk.ntk_system import NTKSystem
 from pyro_ntk.solvers import DEFAULT_MAX_CHOLESKY_SIZE, SolverDiagnostics
 
@@ -129,7 +128,7 @@ class NTKGPRegression(GPModel):
     ):
         where = "NTKGPRegression"
         Parameterized.__init__(self)  # GPModel.__init__ would call set_data before we are ready
-        self.linearization = _linearization(where, network, params, chunk_size)
+        self.linearization = as_linearization(where, network, params, chunk_size)
         lin = self.linearization
         if isinstance(mean, str):
             check_choice(where, "mean", mean, ("network", "zero"))
@@ -185,7 +184,7 @@ class NTKGPRegression(GPModel):
         """
         where = "NTKGPRegression"
         lin = self.linearization
-        X = lin._check_X(where, "X", X)
+        X = lin.check_inputs(where, "X", X)
         N, O = X.shape[0], lin.output_dim(X)
         if y is not None:
             y = check_tensor(where, "y", y)
@@ -293,7 +292,7 @@ class NTKGPRegression(GPModel):
         if self.y is None:
             raise ValueError(f"{where}: no training targets; call set_data(X, y) first.")
         lin = self.linearization
-        Xnew = lin._check_X(where, "Xnew", Xnew)
+        Xnew = lin.check_inputs(where, "Xnew", Xnew)
         self._check_Xnew_shape(Xnew)
         self.set_mode("guide")
         variance, noise = self.variance, self.noise

@@ -316,7 +316,7 @@ class _JacobianOperatorBase(_RepeatedMatrixOperator):
         where = type(self).__name__.lstrip("_")
         linearization = check_linearization(where, linearization)
         X = _as_data(check_tensor(where, "X", X))
-        self.num_outputs = linearization.output_dim(linearization._check_X(where, "X", X))
+        self.num_outputs = linearization.output_dim(linearization.check_inputs(where, "X", X))
         batch_shape = torch.Size(batch_shape)
         super().__init__(X, linearization=linearization, batch_shape=batch_shape)
         self.X = X

@@ -163,9 +163,9 @@ class NTKLinearOperator(_RepeatedMatrixOperator):
         lin = check_linearization(where, linearization)
         X1 = _as_data(check_tensor(where, "X1", X1))
         X2 = X1 if X2 is None else _as_data(check_tensor(where, "X2", X2))
-        self.num_outputs = lin.output_dim(lin._check_X(where, "X1", X1))  # validates X1
+        self.num_outputs = lin.output_dim(lin.check_inputs(where, "X1", X1))  # validates X1
         if X2 is not X1:
-            lin._check_X(where, "X2", X2)  # validates X2 (and that it has the same outputs)
+            lin.check_inputs(where, "X2", X2)  # validates X2 (and that it has the same outputs)
         variance = _check_variance(where, variance, lin)
         batch_shape = torch.Size(batch_shape)
         super().__init__(X1, X2, variance, linearization=lin, batch_shape=batch_shape)

@@ -59,7 +59,7 @@ class Preconditioner(ABC):
         if not (isinstance(rebuild_factor, float | int) and rebuild_factor >= 1):
             raise ValueError(f"{where}: rebuild_factor must be >= 1, got {rebuild_factor!r}.")
         self.linearization = linearization
-        self.X = linearization._check_X(where, "X", X)
+        self.X = linearization.check_inputs(where, "X", X)
         self.size = self.X.shape[0] * linearization.output_dim(self.X)
         self.rank = min(rank, self.size)
         self.seed = seed

@@ -95,7 +95,7 @@ def kronecker_columns(
     engine = linearization.engine
     if not isinstance(engine, StructuredEngine) or pool < 1:
         return None
-    X = linearization._check_X("kronecker_columns", "X", X)  # the preflight traces the layers
+    X = linearization.check_inputs("kronecker_columns", "X", X)  # the preflight traces the layers
     chunks = [X[c] for c in linearization._chunks(X.shape[0])]  # the engine's own row chunks
     with linearization._eval_mode():
         plan = engine.plan
