@@ -112,7 +112,7 @@ def mbcg_log_prob(
         n, G = system.size, system.num_groups if layer else 1
         start = time.perf_counter()
         try:
-            system.lin._check_dense_memory(
+            system.lin.check_dense_memory(
                 system.where,
                 f"the dense fallback of an unconverged log-density, {G + 2} × ({n}, {n})",
                 (G + 2) * n * n,

@@ -620,7 +620,7 @@ class Linearization:
         X2 = X1 if same else self.check_inputs(where, "X2", X2)
         scale = self._scale(where, variance)
         n1, n2 = X1.shape[0] * self._output_dim, X2.shape[0] * self._output_dim
-        self._check_dense_memory(where, f"K of shape (N1·O, N2·O) = ({n1}, {n2})", n1 * n2)
+        self.check_dense_memory(where, f"K of shape (N1·O, N2·O) = ({n1}, {n2})", n1 * n2)
         self._dense_ready(where, X1, X2)
         with self._eval_mode():
             rows = []
@@ -637,7 +637,7 @@ class Linearization:
         """Dense Jacobian ``(N, O, P)`` (small problems and tests)."""
         X = self.check_inputs("Linearization.jacobian", "X", X)
         N, O, P = X.shape[0], self._output_dim, self.num_params
-        self._check_dense_memory(
+        self.check_dense_memory(
             "Linearization.jacobian", f"J of shape (N, O, P) = ({N}, {O}, {P})", N * O * P
         )
         self._dense_ready("Linearization.jacobian", X)
@@ -652,7 +652,13 @@ class Linearization:
     Larger requests raise ``pyro_ntk._memory.DenseMemoryError`` (a ``MemoryError`` and a
     ``ValueError``) before allocating."""
 
-    def _check_dense_memory(self, where: str, what: str, numel: int) -> None:
+    def check_dense_memory(self, where: str, what: str, numel: int) -> None:
+        """Refuse (``ValueError`` naming ``where`` and ``what``) ``numel`` dense entries that do not fit.
+
+        The guard of every dense route (dense K, the CG escalation's Cholesky fallback):
+        ``numel`` entries in the network's dtype against ``max_dense_bytes`` and the device's
+        free memory; the message points to the matrix-free path.
+        """
         check_dense_memory(
             where,
             what,

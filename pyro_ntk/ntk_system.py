@@ -168,7 +168,7 @@ class NTKSystem:
             return variance[..., None, None] * self._K
         if self._K_groups is None:
             n, G = self.size, self.num_groups
-            self.lin._check_dense_memory(
+            self.lin.check_dense_memory(
                 self.where, f"{G} per-layer kernels of shape ({n}, {n})", G * n * n
             )
             self._K_groups = torch.stack(
@@ -363,7 +363,7 @@ class NTKSystem:
     def _dense_solve(self, rhs: Tensor, variance: Tensor, layer: bool, diag: Tensor) -> Tensor:
         """The CG escalation's last step: ``A⁻¹ rhs`` by dense Cholesky, memory guard first."""
         n, G = self.size, self.num_groups if layer else 1
-        self.lin._check_dense_memory(
+        self.lin.check_dense_memory(
             self.where,
             f"the dense fallback of an unconverged CG solve, {G + 2} × ({n}, {n})",
             (G + 2) * n * n,
