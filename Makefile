@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(PY) -m ruff check pyro_ntk tests examples benchmarks docs
 	$(PY) -m ruff format --check pyro_ntk tests examples benchmarks docs
+	.venv/bin/lint-imports --no-cache .importlinter
 
 format: $(STAMP)
 	$(PY) -m ruff format pyro_ntk tests examples benchmarks docs

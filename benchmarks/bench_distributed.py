@@ -228,7 +228,7 @@ def main() -> None:
     text = report(results, args, header)
     print(text)
     if args.write:
-        write_section("Distributed (issue 7)", text)
+        write_section("Distributed", text)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ import torch
 from bench_precision import train
 
 from pyro_ntk import Linearization, LinearizedNetwork
-from pyro_ntk.ntk_system import NTKSystem
+from pyro_ntk.gp import NTKSystem
+from pyro_ntk.options import SolverOptions
 from pyro_ntk.testing import reference_ntk
 
 
@@ -51,8 +52,8 @@ def main() -> None:
         want = torch.linalg.solve(A, r)
         cond = float(eig[-1] + noise) / float(eig[0].clamp_min(0) + noise)
         sysm = NTKSystem(
-            lin, X, solver="cg", preconditioner=kind, preconditioner_rank=rank,
-            max_cg_iterations=its, cg_tolerance=1e-6,
+            lin, X,
+            options=SolverOptions(solver="cg", preconditioner=kind, preconditioner_rank=rank, max_cg_iterations=its, cg_tolerance=1e-6),
         )  # fmt: skip
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -69,9 +70,8 @@ def main() -> None:
             print(f"   {a}  [{a.seconds:.3f} s]")
         # the marginal likelihood on the same system: mBCG + SLQ, escalated the same way
         dist = LinearizedNetwork(
-            lin, X, variance=1.0, mean="zero", jitter=0.0, noise=noise, solver="cg",
-            preconditioner=kind, preconditioner_rank=rank, max_cg_iterations=its,
-            cg_tolerance=1e-6,
+            lin, X, variance=1.0, mean="zero", jitter=0.0, noise=noise,
+            options=SolverOptions(solver="cg", preconditioner=kind, preconditioner_rank=rank, max_cg_iterations=its, cg_tolerance=1e-6),
         )  # fmt: skip
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pyro_ntk import Linearization, NTKGPRegression
+from pyro_ntk.options import SolverOptions
 from pyro_ntk.solvers import cholesky_with_jitter
 
 
@@ -86,7 +87,11 @@ def main() -> None:
             with warnings.catch_warnings(record=True) as w:
                 warnings.simplefilter("always")
                 gp = NTKGPRegression(
-                    X, y, net, noise=torch.tensor(noise, dtype=X.dtype), solver="cholesky"
+                    X,
+                    y,
+                    net,
+                    noise=torch.tensor(noise, dtype=X.dtype),
+                    options=SolverOptions(solver="cholesky"),
                 )
                 with torch.no_grad():
                     means[dtype] = (gp(Xs)[0], len(w))

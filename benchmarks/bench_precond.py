@@ -49,7 +49,7 @@ from pyro_ntk.solvers import conjugate_gradient
 TRAIN_ROWS = 10_000
 
 # Fisher variants compared (rank k each; p = oversampling, q = power iterations)
-# the randomized range finder on every parameter (kronecker=False), as in sessions 1–2
+# the randomized range finder on every parameter (kronecker=False)
 RANGE_FINDERS = {
     "range finder, Ω in R^P": dict(sketch="parameter", power_iterations=0, oversampling=0),
     "function sketch, q=1, p=50, all inputs": dict(

@@ -37,6 +37,7 @@ from bench_precond import TRAIN_ROWS, r2, shuffled_diamonds, train_network  # no
 
 from pyro_ntk import Linearization  # noqa: E402
 from pyro_ntk.models import NTKGPRegression  # noqa: E402
+from pyro_ntk.options import SolverOptions  # noqa: E402
 
 
 def evaluate(model, y, Xtest) -> None:
@@ -53,11 +54,13 @@ def one(lin, X, y, Xtest, solver, noise, args):
         y,
         lin,
         noise=noise,
-        solver=solver,
-        max_cholesky_size=10**9,
-        preconditioner_rank=args.rank,
         num_posterior_samples=args.samples,
-        cg_tolerance=args.tol,
+        options=SolverOptions(
+            solver=solver,
+            max_cholesky_size=10**9,
+            preconditioner_rank=args.rank,
+            cg_tolerance=args.tol,
+        ),
     )
     t0 = time.perf_counter()
     evaluate(model, y, Xtest)

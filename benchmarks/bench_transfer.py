@@ -1,4 +1,4 @@
-r"""Transfer benchmark (issue 9): pyro_ntk's NTK-GP against laplace-torch and fine-tuning.
+r"""Transfer benchmark: pyro_ntk's NTK-GP against laplace-torch and fine-tuning.
 
 A source network is trained on a source task, then adapted to a target task from a few
 labelled points; every method starts from the *same* source network and sees the *same*
@@ -251,6 +251,7 @@ def _ntk_gp(net: nn.Module, data: dict, steps: int, cfg: Config):
     import pyro.contrib.gp as gp
 
     from pyro_ntk import NTKGPRegression
+    from pyro_ntk.options import SolverOptions
 
     model = NTKGPRegression(
         data["Xa"],
@@ -258,7 +259,7 @@ def _ntk_gp(net: nn.Module, data: dict, steps: int, cfg: Config):
         net,
         noise=torch.tensor(0.1, dtype=torch.float64),
         variance=torch.tensor(1.0, dtype=torch.float64),
-        solver="cholesky",
+        options=SolverOptions(solver="cholesky"),
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.ntk_lr)
     losses = gp.util.train(model, optimizer=optimizer, num_steps=steps)
@@ -607,7 +608,7 @@ def main(argv: list[str] | None = None) -> dict:
             + "\n\n"
             + NOTES
         )
-        write_section("Transfer (issue 9)", body)
+        write_section("Transfer", body)
     return {"results": results, "table": table}
 
 

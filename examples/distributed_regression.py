@@ -136,4 +136,6 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     main()
     if dist.is_initialized():
+        # joins gloo's worker threads before the interpreter finalizes (docs: "Teardown")
+        dist.barrier()
         dist.destroy_process_group()

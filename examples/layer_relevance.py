@@ -43,6 +43,7 @@ from tqdm.auto import trange  # noqa: E402
 from pyro_ntk import NTKGPRegression  # noqa: E402
 from pyro_ntk.datasets import SineTask  # noqa: E402
 from pyro_ntk.demo import make_network, run_settings  # noqa: E402
+from pyro_ntk.options import SolverOptions  # noqa: E402
 
 WARP = (1.2, 0.3)  # y = f(1.2 x + 0.3; θ*): a mild warp, inside the linear regime
 LAYER_NAMES = {"0": "layer 1 (1→40)", "2": "layer 2 (40→40)", "4": "layer 3 (40→1)"}
@@ -77,7 +78,7 @@ def fit_layer_variances(net, X, y, steps: int, progress: bool, desc: str):
         net,
         noise=torch.tensor(0.1),
         layer_variances=True,
-        solver="cholesky",
+        options=SolverOptions(solver="cholesky"),
     )
     svi = SVI(gp.model, gp.guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
     losses = [svi.step() for _ in trange(steps, desc=desc, disable=not progress, leave=False)]

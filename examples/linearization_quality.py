@@ -43,6 +43,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from pyro_ntk import NTKGPRegression  # noqa: E402
 from pyro_ntk.datasets import SineTask  # noqa: E402
 from pyro_ntk.demo import make_network, run_settings  # noqa: E402
+from pyro_ntk.options import SolverOptions  # noqa: E402
 
 PHASES = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0)
 
@@ -64,7 +65,9 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def linearized_fit(net, X, y, steps: int):
     """NTK-GP with SVI-fitted s², σ²; returns the model and the MAP weight change δ (P,)."""
-    gp = NTKGPRegression(X, y, net, noise=torch.tensor(0.1), solver="cholesky")
+    gp = NTKGPRegression(
+        X, y, net, noise=torch.tensor(0.1), options=SolverOptions(solver="cholesky")
+    )
     svi = SVI(gp.model, gp.guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
     for _ in range(steps):
         svi.step()

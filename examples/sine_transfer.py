@@ -40,6 +40,7 @@ from tqdm.auto import trange  # noqa: E402
 from pyro_ntk import NTKGPRegression  # noqa: E402
 from pyro_ntk.datasets import sample_sine_tasks  # noqa: E402
 from pyro_ntk.demo import make_network, run_settings  # noqa: E402
+from pyro_ntk.options import SolverOptions  # noqa: E402
 
 
 def train_network(net: nn.Module, X: torch.Tensor, y: torch.Tensor, steps: int, lr: float):
@@ -68,7 +69,7 @@ def fit_ntk_gp(net, Xa, ya, steps: int, lr: float, progress: bool):
         net,
         noise=torch.tensor(0.1),
         variance=torch.tensor(1.0),
-        solver="cholesky",
+        options=SolverOptions(solver="cholesky"),
     )
     svi = SVI(gp.model, gp.guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO())
     losses = []

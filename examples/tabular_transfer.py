@@ -43,11 +43,11 @@ import torch  # noqa: E402
 
 from pyro_ntk.demo import (  # noqa: E402
     DemoConfig,
-    _diabetes_data,
-    _fine_tune,
-    _last_layer,
-    _ntk_gp,
-    _rbf_gp,
+    diabetes_data,
+    fine_tune,
+    last_layer,
+    ntk_gp,
+    rbf_gp,
     run_settings,
     source_network,
 )
@@ -58,12 +58,12 @@ METHODS = ("NTK-GP (pyro_ntk)", "fine-tuning", "last layer retrained", "RBF GP (
 def run_seed(cfg: DemoConfig) -> tuple[dict, object, str]:
     """One seed: data split, source network, the four adaptations; returns their Results."""
     pyro.set_rng_seed(cfg.seed)
-    data = _diabetes_data(cfg)
+    data = diabetes_data(cfg)
     net, how = source_network(cfg, data, torch.device("cpu"))
-    ntk, gpr = _ntk_gp(net, data, cfg)
-    ft, _ = _fine_tune(net, data, cfg)
-    ll, _ = _last_layer(net, data, cfg)
-    rbf, _ = _rbf_gp(net, data, cfg)
+    ntk, gpr = ntk_gp(net, data, cfg)
+    ft, _ = fine_tune(net, data, cfg)
+    ll, _ = last_layer(net, data, cfg)
+    rbf, _ = rbf_gp(net, data, cfg)
     results = {r.method: r for r in (ntk, ft, ll, rbf)}
     return results, data, f"{how}; {ntk.info}"
 

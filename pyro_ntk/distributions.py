@@ -10,7 +10,7 @@ the prior :math:`\theta - \theta^* \sim \mathcal{N}(0, \mathrm{diag}(\sigma^2))`
 optional observation noise :math:`s^2` and a jitter :math:`\epsilon`.
 
 The density is evaluated by the kernel system of ``(θ*, X)``
-(:class:`~pyro_ntk.ntk_system.NTKSystem`, one cache shared with
+(:class:`~pyro_ntk.gp.NTKSystem`, one cache shared with
 :class:`~pyro_ntk.NTKGPRegression`): exact by Cholesky while ``N·O`` is small, otherwise
 matrix-free preconditioned CG with stochastic Lanczos quadrature
 (:func:`~pyro_ntk.solvers.choose_solver`).
@@ -25,16 +25,9 @@ from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor, nn
 
 from pyro_ntk._checks import check_choice, check_finite, check_tensor
+from pyro_ntk.gp import NTKSystem
 from pyro_ntk.linearization import Linearization, as_linearization
-
-# re-exported: their old import path (pyro_ntk.distributions) keeps working
-from pyro_ntk.ntk_system import PRECONDITIONERS as PRECONDITIONERS
-from pyro_ntk.ntk_system import SOLVERS as SOLVERS
-from pyro_ntk.ntk_system import NTKSystem as NTKSystem
-from pyro_ntk.solvers import CHOLESKY_MEMORY_FRACTION as CHOLESKY_MEMORY_FRACTION
-from pyro_ntk.solvers import DEFAULT_MAX_CHOLESKY_SIZE as DEFAULT_MAX_CHOLESKY_SIZE
-from pyro_ntk.solvers import available_memory as available_memory
-from pyro_ntk.solvers import choose_solver as choose_solver
+from pyro_ntk.options import SolverOptions
 
 __all__ = ["LinearizedNetwork"]
 
@@ -102,7 +95,7 @@ class LinearizedNetwork(TorchDistribution):
       ``N × N`` factorization. The ``√(s² + ε) ξ`` term makes the draws come from exactly
       the law whose density :meth:`log_prob` evaluates (σ²K alone is singular when
       ``N·O > P``); it costs ``N·O`` normal draws.
-    * :meth:`log_prob` is exact by Cholesky while ``N·O <= max_cholesky_size``
+    * :meth:`log_prob` is exact by Cholesky while ``N·O <= options.max_cholesky_size``
       (``solver="auto"``), otherwise preconditioned CG + stochastic Lanczos quadrature
       (``linear_operator.inv_quad_logdet`` on ``NTKLinearOperator + (s² + ε) I``);
       gradients flow to ``variance`` and ``noise`` tensors either way.
@@ -124,20 +117,16 @@ class LinearizedNetwork(TorchDistribution):
         jitter: ε ≥ 0 added to the diagonal.
         params: which parameters to linearize (see :class:`~pyro_ntk.Linearization`).
         noise: optional observation noise variance s² > 0 (scalar or batch tensor).
-        solver: ``"auto"``, ``"cholesky"`` or ``"cg"``.
-        preconditioner: ``"auto"``, ``"fisher"``, ``"nystrom"``, ``"pivoted_cholesky"`` or
-            ``None`` (CG path).
+        options: the solver choices, a :class:`~pyro_ntk.options.SolverOptions` (solver,
+            preconditioner, thresholds, CG tolerance and iterations, SLQ probes,
+            preconditioner rank; ``None``: the defaults).
         layer_variances: whether ``variance``'s last dim indexes parameter groups; ``None``
             infers it (a 1-D tensor of length G > 1).
-        max_cholesky_size: the ``"auto"`` threshold on ``N·O``.
-        cg_tolerance: CG relative-residual tolerance.
-        max_cg_iterations: CG iteration cap.
-        num_trace_samples: SLQ probe vectors.
-        preconditioner_rank: rank of the preconditioner.
         chunk_size: inputs per chunk for the Jacobian products.
         squeeze_output: event shape ``(N,)`` instead of ``(N, 1)`` for single-output networks.
         validate_args: torch's distribution argument / sample validation.
-        system: an :class:`~pyro_ntk.ntk_system.NTKSystem` for the same ``(θ*, X)`` to reuse its caches.
+        system: an :class:`~pyro_ntk.gp.NTKSystem` for the same ``(θ*, X)`` to reuse its caches
+            (its options then apply).
 
     Cost: construction one forward over X (for ``mean="network"``); :meth:`rsample` one JVP
     over X with ``prod(sample_shape + batch_shape)`` columns; :meth:`log_prob` see above.
@@ -167,15 +156,9 @@ class LinearizedNetwork(TorchDistribution):
         jitter: float = 1e-6,
         params=None,
         noise: Tensor | float | None = None,
-        solver: str = "auto",
-        preconditioner: str | None = "auto",
         *,
+        options: SolverOptions | None = None,
         layer_variances: bool | None = None,
-        max_cholesky_size: int = DEFAULT_MAX_CHOLESKY_SIZE,
-        cg_tolerance: float = 1e-4,
-        max_cg_iterations: int = 1000,
-        num_trace_samples: int = 10,
-        preconditioner_rank: int = 100,
         chunk_size: int | None = None,
         squeeze_output: bool = False,
         validate_args: bool | None = None,
@@ -189,18 +172,7 @@ class LinearizedNetwork(TorchDistribution):
         else:
             lin = as_linearization(where, network, params, chunk_size)
             X = check_tensor(where, "X", X)
-            system = NTKSystem(
-                lin,
-                X,
-                solver=solver,
-                preconditioner=preconditioner,
-                max_cholesky_size=max_cholesky_size,
-                cg_tolerance=cg_tolerance,
-                max_cg_iterations=max_cg_iterations,
-                num_trace_samples=num_trace_samples,
-                preconditioner_rank=preconditioner_rank,
-                where=where,
-            )
+            system = NTKSystem(lin, X, options, where=where)
         self.system = system
         self.linearization = lin
         self.X = system.X

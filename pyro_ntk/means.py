@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from pyro_ntk._checks import check_tensor
 from pyro_ntk.kernels._output import check_output
-from pyro_ntk.linearization import Linearization
+from pyro_ntk.linearization import Linearization, as_linearization
 
 
 class NetworkMean(nn.Module):
@@ -37,7 +37,8 @@ class NetworkMean(nn.Module):
     Cost: one forward pass of the network over ``X``.
 
     Args:
-        network: the trained ``nn.Module``.
+        network: the trained ``nn.Module``, or a :class:`~pyro_ntk.Linearization` to share
+            its θ* copy (e.g. with an :class:`~pyro_ntk.EmpiricalNTK` built from it).
         output: ``None`` or an output index ``k``.
         chunk_size: inputs per forward pass (``None``: all at once).
 
@@ -51,16 +52,21 @@ class NetworkMean(nn.Module):
     """
 
     def __init__(
-        self, network: nn.Module, output: int | None = None, chunk_size: int | None = None
+        self,
+        network: nn.Module | Linearization,
+        output: int | None = None,
+        chunk_size: int | None = None,
     ):
         super().__init__()
         self.output = check_output("NetworkMean", output)
-        if not isinstance(network, nn.Module):
-            raise TypeError(
-                f"NetworkMean: network must be a torch.nn.Module, got {type(network).__name__}."
+        # Every parameter is held fixed at θ*: a plain object, outside the module tree. A
+        # Linearization is shared as it is (f(X; θ*) does not depend on its selection).
+        if isinstance(network, Linearization):
+            self._lin = as_linearization("NetworkMean", network, None, chunk_size)
+        else:
+            self._lin = as_linearization(
+                "NetworkMean", network, lambda name, p: True, chunk_size=chunk_size
             )
-        # Every parameter is held fixed at θ*: a plain object, outside the module tree.
-        self._lin = Linearization(network, lambda name, p: True, chunk_size=chunk_size)
 
     def forward(self, X: Tensor) -> Tensor:
         """f(X; θ*): ``(N,)`` for one output, ``(O, N)`` for all ``O > 1`` outputs."""

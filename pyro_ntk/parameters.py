@@ -4,7 +4,8 @@ A :class:`ParameterSpace` owns *detached copies* of the selected parameters θ* 
 remaining parameters and buffers, held fixed), so the user's network is never touched.
 Flat vectors of length ``P`` concatenate the selected parameters in ``named_parameters()``
 order; each parameter belongs to a *group*, the module that owns it (a layer), which is
-what per-layer variances σ_g² attach to.
+what per-layer variances σ_g² attach to. :func:`normalize_variance` is the one check of a
+prior variance σ² (a scalar or one per group), applied once at each public entry.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+
+from pyro_ntk._checks import check_finite
+
+__all__ = ["ParamSelector", "ParameterSpace", "normalize_variance"]
 
 ParamSelector = None | Iterable[str] | Callable[[str, nn.Parameter], bool]
 
@@ -85,6 +90,10 @@ class ParameterSpace:
             self.group_of.append(self.groups.index(g))
         self.dtype = next(iter(dtypes))
         self.device = next(iter(devices))
+        self._group_index = torch.repeat_interleave(
+            torch.tensor(self.group_of, device=self.device),
+            torch.tensor(self.numels, device=self.device),
+        )
 
     @property
     def num_params(self) -> int:
@@ -104,14 +113,27 @@ class ParameterSpace:
 
     def group_index(self) -> Tensor:
         """Group index of every flat parameter, shape ``(P,)``, on the parameters' device."""
-        sizes = torch.tensor(self.numels, device=self.device)
-        return torch.repeat_interleave(torch.tensor(self.group_of, device=self.device), sizes)
+        return self._group_index
 
     def expand_group_values(self, values: Tensor) -> Tensor:
-        """Map per-group values ``(G,)`` (or a scalar) to per-parameter values ``(P,)``."""
+        """Map per-group values ``(G,)`` (or a scalar) to per-parameter values ``(P,)``.
+
+        A gather with an index built once: no host synchronization (a K·v hot path).
+        """
         if values.dim() == 0:
             return values.expand(self.num_params)
-        return values[self.group_index()]
+        index = self._group_index
+        if index.device != values.device:
+            index = index.to(values.device)
+        return values[index]
+
+    def normalize_variance(
+        self, where: str, variance: object, layer_variances: bool | None = None, **options
+    ) -> tuple[Tensor, bool]:
+        """:func:`normalize_variance` for this space's groups, dtype and device."""
+        return normalize_variance(
+            where, variance, self.groups, self.dtype, self.device, layer_variances, **options
+        )
 
     def group_grams(self, A: Tensor) -> Tensor:
         r"""Per-group Gram matrices of the rows of ``A``: :math:`A_g^\top A_g`, shape ``(G, M, M)``.
@@ -173,3 +195,106 @@ def _select(named: list[tuple[str, nn.Parameter]], params: ParamSelector, where:
             f"{where}: params names {unknown} are not parameters of the network {sorted(known)}."
         )
     return [n for n, _ in named if n in set(wanted)]
+
+
+def normalize_variance(
+    where: str,
+    variance: object,
+    groups: list[str],
+    dtype: torch.dtype,
+    device: torch.device,
+    layer_variances: bool | None = None,
+    *,
+    name: str = "variance",
+    positive: bool = False,
+    batched: bool = False,
+    convert: bool = False,
+) -> tuple[Tensor, bool]:
+    r"""The one check of a prior variance σ²: a scalar, or one value per parameter group.
+
+    .. math:: \sigma^2 \in [0, \infty) \ (\text{or } (0, \infty)), \qquad
+              \text{shape } (*\text{batch}) \text{ or } (*\text{batch}, G).
+
+    Run once at a public entry (it synchronizes with the device to test the values); the
+    products downstream take its result unchecked.
+
+    Args:
+        where: the public entry point, first in every message.
+        variance: ``None`` (ones), a number, a tensor (or, with ``convert``, a sequence).
+        groups: the parameter groups (their number ``G`` and names for messages).
+        dtype: the network's dtype; a tensor must match it unless ``convert``.
+        device: the network's device; likewise.
+        layer_variances: ``True``: one value per group (a scalar is broadcast to ``(G,)``
+            unless ``batched``); ``False``: one shared value; ``None``: per group when the
+            last dimension is ``G`` (and, if ``batched``, ``G > 1``).
+        name: the argument's name in messages.
+        positive: require ``σ² > 0`` (else ``σ² ≥ 0``).
+        batched: allow leading batch dimensions.
+        convert: cast numbers, sequences and tensors to ``dtype``/``device`` instead of
+            refusing another dtype or device.
+
+    Returns:
+        ``(σ², per_group)``: the tensor (the given one when nothing was converted, so
+        gradients reach it) and whether its last dimension runs over the groups.
+
+    Example:
+        >>> v, per_group = normalize_variance("f", 2.0, ["0", "2"], torch.float64, torch.device("cpu"))
+        >>> v.tolist(), per_group
+        (2.0, False)
+        >>> v, per_group = normalize_variance("f", None, ["0", "2"], torch.float64, "cpu", True)
+        >>> v.tolist(), per_group
+        ([1.0, 1.0], True)
+    """
+    G = len(groups)
+    if variance is None:
+        return torch.ones(G if layer_variances else (), dtype=dtype, device=device), bool(
+            layer_variances
+        )
+    if isinstance(variance, bool) or not isinstance(variance, (int, float, Tensor)):
+        if not (convert and isinstance(variance, (list, tuple))):
+            raise TypeError(
+                f"{where}: {name} must be None, a number or a tensor, got {type(variance).__name__}."
+            )
+    if not isinstance(variance, Tensor) or convert:
+        try:
+            variance = torch.as_tensor(variance, dtype=dtype, device=device)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(
+                f"{where}: {name} must be None, a number or a tensor, got {variance!r}."
+            ) from exc
+    if variance.dtype != dtype:
+        raise TypeError(f"{where}: {name} has dtype {variance.dtype}, expected {dtype}.")
+    if variance.device != device:
+        raise ValueError(f"{where}: {name} is on device {variance.device}, expected {device}.")
+    shape = tuple(variance.shape)
+    last_is_g = variance.dim() >= 1 and shape[-1] == G
+    if layer_variances is None:
+        per_group = last_is_g and (G > 1 or not batched)
+        ok = batched or variance.dim() == 0 or (variance.dim() == 1 and last_is_g)
+        expected = f"a scalar or ({G},), one per parameter group {groups}"
+    elif layer_variances:
+        if variance.dim() == 0 and not batched:
+            variance = variance.expand(G)
+        per_group, ok = True, variance.dim() >= 1 and variance.shape[-1] == G
+        ok = ok and (batched or variance.dim() == 1)
+        expected = f"({G},), one per layer {groups} (layer_variances=True)"
+    else:
+        per_group, ok = False, batched or variance.dim() == 0
+        expected = "a scalar (layer_variances=False)"
+    if not ok:
+        raise ValueError(f"{where}: {name} has shape {shape}; expected {expected}.")
+    values = variance.detach()
+    if positive:
+        if not bool(torch.isfinite(values).all()) or not bool((values > 0).all()):
+            raise ValueError(
+                f"{where}: {name} must be positive and finite (σ² > 0), got "
+                f"{values.cpu().tolist()}."
+            )
+    else:
+        check_finite(where, name, values)
+        if bool((values < 0).any()):
+            raise ValueError(
+                f"{where}: {name} must be non-negative (σ² ≥ 0), got minimum "
+                f"{float(values.min()):.3g}."
+            )
+    return variance, per_group

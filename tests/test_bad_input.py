@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import pyro_ntk
+from pyro_ntk.options import SolverOptions
 
 
 class _Argmax(nn.Module):
@@ -166,7 +167,8 @@ TABLE = [
     ("reg_X_features", lambda: _reg(X=torch.randn(8, 4)), ValueError, "NTKGPRegression", "X"),
     ("reg_X_nan", lambda: _reg(X=_nan((8, 3))), ValueError, "NTKGPRegression", "X"),
     ("reg_X_empty", lambda: _reg(X=torch.randn(0, 3)), ValueError, "NTKGPRegression", "X"),
-    ("reg_solver", lambda: _reg(solver="lu"), ValueError, "NTKGPRegression", "solver"),
+    ("options_solver", lambda: SolverOptions(solver="lu"), ValueError, "SolverOptions", "solver"),
+    ("reg_options_type", lambda: _reg(options="cg"), TypeError, "NTKGPRegression", "options"),
     ("reg_jitter_neg", lambda: _reg(jitter=-1.0), ValueError, "NTKGPRegression", "jitter"),
     ("reg_jitter_nan", lambda: _reg(jitter=float("nan")), ValueError, "NTKGPRegression", "jitter"),
     (
@@ -202,12 +204,13 @@ TABLE = [
     ),
     ("ln_mean_name", lambda: _ln(mean="prior"), ValueError, "LinearizedNetwork", "mean"),
     (
-        "ln_preconditioner",
-        lambda: _ln(preconditioner="ilu"),
+        "options_preconditioner",
+        lambda: SolverOptions(preconditioner="ilu"),
         ValueError,
-        "LinearizedNetwork",
+        "SolverOptions",
         "preconditioner",
     ),
+    ("ln_options_type", lambda: _ln(options={}), TypeError, "LinearizedNetwork", "options"),
     (
         "ln_X_dtype",
         lambda: _ln(X=torch.randn(8, 3, dtype=torch.float32)),

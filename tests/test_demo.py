@@ -12,14 +12,14 @@ from networks import assert_unchanged, snapshot
 from pyro_ntk.__main__ import build_parser, main
 from pyro_ntk.demo import (
     DemoConfig,
-    _diabetes_data,
-    _fine_tune,
-    _last_layer,
-    _ntk_gp,
-    _rbf_gp,
-    _sine_data,
+    diabetes_data,
+    fine_tune,
     gaussian_scores,
+    last_layer,
+    ntk_gp,
+    rbf_gp,
     run_demo,
+    sine_data,
     source_network,
 )
 
@@ -94,14 +94,14 @@ def test_demo_diabetes_runs(tmp_path, capsys):
 
 def test_adaptation_never_modifies_the_source_network(tmp_path):
     cfg = tiny(tmp_path, cache_dir="")
-    data = _sine_data(cfg)
+    data = sine_data(cfg)
     net, how = source_network(cfg, data, torch.device("cpu"))
     assert "cached" not in how  # cache disabled
     before = snapshot(net)
-    _ntk_gp(net, data, cfg)
-    _fine_tune(net, data, cfg)
-    _last_layer(net, data, cfg)
-    _rbf_gp(net, data, cfg)
+    ntk_gp(net, data, cfg)
+    fine_tune(net, data, cfg)
+    last_layer(net, data, cfg)
+    rbf_gp(net, data, cfg)
     assert_unchanged(net, before)
 
 
@@ -109,7 +109,7 @@ def test_diabetes_split_is_by_age_and_standardized_on_the_source(tmp_path):
     pytest.importorskip("sklearn")
     from sklearn.datasets import load_diabetes
 
-    data = _diabetes_data(tiny(tmp_path, num_target=10))
+    data = diabetes_data(tiny(tmp_path, num_target=10))
     X, _ = load_diabetes(return_X_y=True)
     assert data.X_source.shape[0] + data.X_target.shape[0] + data.X_test.shape[0] == X.shape[0]
     # standardized with source statistics: the source has mean 0, the older target does not

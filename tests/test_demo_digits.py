@@ -9,16 +9,22 @@ import torch
 from networks import assert_unchanged, snapshot
 
 from pyro_ntk.__main__ import main
-from pyro_ntk.demo import DemoConfig, classification_scores, format_table, run_demo, source_network
-from pyro_ntk.demo.classification import (
-    _fine_tune_classifier,
-    _laplace_ntk,
-    _last_layer_classifier,
-    _rbf_gp_classifier,
-    _tempered_laplace,
-    head_prior_mean,
+from pyro_ntk.adaptation import head_prior_mean
+from pyro_ntk.demo import (
+    DemoConfig,
+    classification_scores,
+    format_table,
+    load_task,
+    run_demo,
+    source_network,
 )
-from pyro_ntk.demo.tasks import load_task
+from pyro_ntk.demo.classification import (
+    fine_tune_classifier,
+    laplace_classifier,
+    last_layer_classifier,
+    rbf_gp_classifier,
+    tempered_laplace_classifier,
+)
 
 pytest.importorskip("sklearn")
 
@@ -136,12 +142,12 @@ def test_digits_adaptation_never_modifies_the_source_network(tmp_path):
     data = load_task(cfg)
     net, _ = source_network(cfg, data, torch.device("cpu"))
     before = snapshot(net)
-    last, start = _last_layer_classifier(net, data, cfg)
+    last, start = last_layer_classifier(net, data, cfg)
     start_before = snapshot(start.network)
-    _, la = _laplace_ntk(start, data, cfg)
-    _tempered_laplace(net, la, 0.0, data, cfg)  # refits a head per fold on copies of net
-    _fine_tune_classifier(start, data, cfg)
-    _rbf_gp_classifier(data, cfg)
+    _, la = laplace_classifier(start, data, cfg)
+    tempered_laplace_classifier(net, la, 0.0, data, cfg)  # refits a head per fold on copies of net
+    fine_tune_classifier(start, data, cfg)
+    rbf_gp_classifier(data, cfg)
     assert_unchanged(net, before)
     assert_unchanged(start.network, start_before)
     # the NTK method linearizes the dense layers; its prior is centred at the source

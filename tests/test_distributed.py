@@ -191,17 +191,16 @@ def _worker(scenario: str, rank: int, world: int, rendezvous: str, out: str) -> 
 
     comm = init_from_env("gloo", timeout=COLLECTIVE_TIMEOUT, init_method=f"file://{rendezvous}")
     assert comm.world_size == world and comm.rank == rank
-    {"products": _products, "failure": _failure}[scenario](comm, Path(out))
-    print(f"rank {rank}: scenario done", flush=True)
-    # every rank reaches the teardown before any closes its connections
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    try:
+        {"products": _products, "failure": _failure}[scenario](comm, Path(out))
+        print(f"rank {rank}: scenario done", flush=True)
+        torch.distributed.barrier()  # every rank reaches the teardown before any closes
+    finally:
+        # Destroying the group joins gloo's worker threads while the interpreter is alive,
+        # on success and on failure; a worker still alive at finalization aborts the rank
+        # (docs/distributed.rst, "Teardown").
+        torch.distributed.destroy_process_group()
     print(f"rank {rank}: process group destroyed", flush=True)
-    # Skip the interpreter's teardown of torch's C++ state. In a few full-suite runs a rank
-    # aborted ("terminate called without an active exception", exit -6; not reproduced
-    # alone, place unknown); if that is teardown, this avoids it, and a crash before this
-    # line still fails the test. Everything the test checks is written and flushed above.
-    os._exit(0)
 
 
 # ---------------------------------------------------------------------------- the parent

@@ -14,6 +14,7 @@ from pyro.infer import SVI, Predictive, Trace_ELBO
 from torch import nn
 
 from pyro_ntk import Linearization, LinearizedNetwork
+from pyro_ntk.options import SolverOptions
 from pyro_ntk.testing import reference_ntk, reference_output
 
 
@@ -104,9 +105,13 @@ def test_log_prob_cg_equals_cholesky():
     v2 = torch.tensor(0.9, requires_grad=True)
     kw = dict(noise=torch.tensor(0.1), jitter=1e-6)
     T = 2000
-    exact = LinearizedNetwork(net, X, variance=v1, solver="cholesky", **kw)
+    exact = LinearizedNetwork(net, X, variance=v1, **kw, options=SolverOptions(solver="cholesky"))
     cg = LinearizedNetwork(
-        net, X, variance=v2, solver="cg", cg_tolerance=1e-10, num_trace_samples=T, **kw
+        net,
+        X,
+        variance=v2,
+        **kw,
+        options=SolverOptions(solver="cg", cg_tolerance=1e-10, num_trace_samples=T),
     )
     assert cg.system.method == "cg"
     a, b = exact.log_prob(value), cg.log_prob(value)
@@ -172,11 +177,15 @@ def test_batched_cg_log_prob_matches_unbatched():
     X = torch.randn(4, 2)
     v = torch.tensor([0.5, 2.0])
     value = torch.randn(3, 1, 4, 2)
-    b = LinearizedNetwork(net, X, variance=v, noise=0.1, solver="cg", layer_variances=False)
+    b = LinearizedNetwork(
+        net, X, variance=v, noise=0.1, layer_variances=False, options=SolverOptions(solver="cg")
+    )
     lp = b.log_prob(value)
     assert lp.shape == (3, 2)
     for i in range(2):
-        ref = LinearizedNetwork(net, X, variance=v[i], noise=0.1, solver="cholesky")
+        ref = LinearizedNetwork(
+            net, X, variance=v[i], noise=0.1, options=SolverOptions(solver="cholesky")
+        )
         torch.testing.assert_close(lp[:, i], ref.log_prob(value[:, 0]), rtol=1e-4, atol=1e-4)
 
 
@@ -210,8 +219,6 @@ def test_validate_args_rejects_wrong_shape():
         (dict(jitter=-1e-3), r"jitter must be a float >= 0"),
         (dict(mean="net"), r"mean must be one of"),
         (dict(mean=torch.zeros(3, 1)), r"mean has shape \(3, 1\); expected \(\.\.\., 3, 2\)"),
-        (dict(solver="lu"), r"solver must be one of"),
-        (dict(preconditioner="ilu"), r"preconditioner must be one of"),
         (
             dict(variance=torch.ones(3), layer_variances=True),
             r"variance has shape \(3,\); with layer_variances=True",
@@ -222,6 +229,16 @@ def test_bad_arguments(kwargs, match):
     net = mlp()
     with pytest.raises(ValueError, match=match):
         LinearizedNetwork(net, torch.randn(3, 2), **kwargs)
+
+
+def test_bad_solver_options():
+    net = mlp()
+    with pytest.raises(ValueError, match="SolverOptions: solver must be one of"):
+        LinearizedNetwork(net, torch.randn(3, 2), options=SolverOptions(solver="lu"))
+    with pytest.raises(ValueError, match="SolverOptions: preconditioner must be one of"):
+        LinearizedNetwork(net, torch.randn(3, 2), options=SolverOptions(preconditioner="ilu"))
+    with pytest.raises(TypeError, match="LinearizedNetwork: options must be"):
+        LinearizedNetwork(net, torch.randn(3, 2), options="cg")
 
 
 def test_bad_inputs():
@@ -309,16 +326,24 @@ def test_auto_above_threshold_is_cg_with_fisher_preconditioner():
     from pyro_ntk.preconditioners import FisherPreconditioner
 
     net, X = mlp(), torch.randn(6, 2)  # O = 2
-    d = LinearizedNetwork(net, X, variance=0.7, noise=0.1, max_cholesky_size=11)
+    d = LinearizedNetwork(
+        net, X, variance=0.7, noise=0.1, options=SolverOptions(max_cholesky_size=11)
+    )
     assert d.system.method == "cg"
     pre = d.system.preconditioner()
     assert isinstance(pre, FisherPreconditioner) and pre.kind == "fisher"
-    d_dense = LinearizedNetwork(net, X, variance=0.7, noise=0.1, max_cholesky_size=12)
+    d_dense = LinearizedNetwork(
+        net, X, variance=0.7, noise=0.1, options=SolverOptions(max_cholesky_size=12)
+    )
     assert d_dense.system.method == "cholesky"
     value = torch.randn(6, 2)
     torch.testing.assert_close(
         LinearizedNetwork(
-            net, X, variance=0.7, noise=0.1, max_cholesky_size=11, cg_tolerance=1e-11
+            net,
+            X,
+            variance=0.7,
+            noise=0.1,
+            options=SolverOptions(max_cholesky_size=11, cg_tolerance=1e-11),
         ).log_prob(value),
         d_dense.log_prob(value),
         rtol=1e-6,
@@ -334,8 +359,10 @@ def test_preconditioner_none_is_plain_cg_not_gpytorch_default():
     from pyro_ntk.preconditioners import IdentityPreconditioner
 
     net, X = mlp(width=12), torch.randn(30, 2)
-    kw = dict(variance=1.0, noise=1e-3, solver="cg", cg_tolerance=1e-8, max_cg_iterations=500)
-    plain = LinearizedNetwork(net, X, preconditioner=None, **kw)
+    kw = dict(solver="cg", cg_tolerance=1e-8, max_cg_iterations=500)
+    plain = LinearizedNetwork(
+        net, X, variance=1.0, noise=1e-3, options=SolverOptions(preconditioner=None, **kw)
+    )
     assert isinstance(plain.system.preconditioner(), IdentityPreconditioner)
     op = plain.system.operator(torch.tensor(1.0), torch.tensor(1e-3))
     with (
@@ -346,7 +373,9 @@ def test_preconditioner_none_is_plain_cg_not_gpytorch_default():
     rhs = torch.randn(60, 1)
     x = plain.system.solve(rhs, torch.tensor(1.0), False, torch.tensor(1e-3))
     assert plain.system.last_solve.method == "cg"
-    fisher = LinearizedNetwork(net, X, preconditioner="fisher", **kw)
+    fisher = LinearizedNetwork(
+        net, X, variance=1.0, noise=1e-3, options=SolverOptions(preconditioner="fisher", **kw)
+    )
     x_f = fisher.system.solve(rhs, torch.tensor(1.0), False, torch.tensor(1e-3))
     assert fisher.system.last_solve.method == "pcg"
     assert fisher.system.last_solve.iterations < plain.system.last_solve.iterations
@@ -356,7 +385,8 @@ def test_preconditioner_none_is_plain_cg_not_gpytorch_default():
 
 
 def test_choose_solver_rule():
-    from pyro_ntk.distributions import DEFAULT_MAX_CHOLESKY_SIZE, available_memory, choose_solver
+    from pyro_ntk.options import DEFAULT_MAX_CHOLESKY_SIZE
+    from pyro_ntk.solvers import available_memory, choose_solver
 
     n = DEFAULT_MAX_CHOLESKY_SIZE
     need64 = 2 * n * n * 8  # dense K + factor, float64

@@ -279,11 +279,10 @@ def test_cache_built_inside_autograd_function_is_right(implementation):
 
 
 def test_a_converted_auto_linearization_stays_auto():
-    from pyro_ntk.operators import convert_linearization
 
     mlp = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
     lin = Linearization(mlp)
     lin(torch.randn(5, 3))  # auto has decided its products engine by now
-    converted = convert_linearization(lin, dtype=torch.float32)
+    converted = lin.to(torch.float32)
     assert converted.requested is NTKImplementation.AUTO
     assert type(converted.engine) is type(lin.engine)

@@ -536,18 +536,18 @@ def test_memo_holds_validated_inputs_weakly_and_boundedly():
     _, lin = _small_lin(implementation="structured")
     X = torch.randn(4, 3)
     lin(X)
-    assert X in lin._validated
+    assert X in lin._gate.validated
     X.add_(1.0)
-    assert X not in lin._validated  # stale after an in-place change
+    assert X not in lin._gate.validated  # stale after an in-place change
     lin(X)
-    assert X in lin._validated
+    assert X in lin._gate.validated
     same_values = X.clone()  # another tensor: validated on its own
-    assert same_values not in lin._validated
-    others = [torch.randn(2, 3) for _ in range(3 * lin._validated.capacity)]  # kept alive
+    assert same_values not in lin._gate.validated
+    others = [torch.randn(2, 3) for _ in range(3 * lin._gate.validated.capacity)]  # kept alive
     for other in others:
         lin(other)
-    assert len(lin._validated._entries) <= lin._validated.capacity
-    assert X not in lin._validated  # evicted, so validated again next time
+    assert len(lin._gate.validated._entries) <= lin._gate.validated.capacity
+    assert X not in lin._gate.validated  # evicted, so validated again next time
     with pytest.raises(ValueError, match="NaN"):
         lin(torch.full((2, 3), float("nan")))
 
@@ -570,7 +570,7 @@ def test_inference_tensors_are_validated_every_call():
     with torch.inference_mode():
         X = torch.randn(4, 3)
         lin(X)
-        assert X not in lin._validated
+        assert X not in lin._gate.validated
         X[0, 0] = float("nan")
         with pytest.raises(ValueError, match="NaN"):
             lin(X)
@@ -583,11 +583,11 @@ def test_memo_is_dropped_on_copy_and_pickle(tmp_path):
     X = torch.randn(4, 3)
     lin.ntk_mvm(X, None, torch.randn(8))
     twin = copy.deepcopy(lin)
-    assert len(twin._validated._entries) == 0
+    assert len(twin._gate.validated._entries) == 0
     path = tmp_path / "lin.pt"
     torch.save(lin, path)
     loaded = torch.load(path, weights_only=False)
-    assert len(loaded._validated._entries) == 0
+    assert len(loaded._gate.validated._entries) == 0
     X[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         loaded(X)

@@ -93,3 +93,25 @@ def test_bad_input():
         NetworkMean(net)(torch.randn(3, 4))
     with pytest.raises(TypeError, match="NetworkMean: network must be a torch.nn.Module"):
         NetworkMean(None)
+
+
+def test_kernel_and_mean_built_from_one_linearization_share_theta():
+    import pyro_ntk
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(2, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1)
+    ).double()
+    lin = pyro_ntk.Linearization(net)
+    kernel = pyro_ntk.EmpiricalNTK(lin, input_dim=2)
+    mean = pyro_ntk.NetworkMean(lin)
+    gk = pyro_ntk.NTKKernel(lin)
+    assert kernel.linearization is lin and mean._lin is lin and gk.linearization is lin
+    X = torch.randn(5, 2, dtype=torch.float64)
+    ref_k = pyro_ntk.EmpiricalNTK(net, input_dim=2)(X)
+    torch.testing.assert_close(kernel(X), ref_k, rtol=0, atol=0)
+    torch.testing.assert_close(mean(X), net(X).squeeze(-1).detach())
+    with pytest.raises(ValueError, match="output=0 needs the nn.Module"):
+        pyro_ntk.EmpiricalNTK(lin, input_dim=2, output=0)
+    with pytest.raises(TypeError, match="torch.nn.Module or a pyro_ntk.Linearization"):
+        pyro_ntk.NetworkMean("net")

@@ -10,6 +10,7 @@ from linear_operator.utils.warnings import NumericalWarning
 from torch import nn
 
 import pyro_ntk
+from pyro_ntk.options import SolverOptions
 from pyro_ntk.solvers import cholesky_with_jitter
 
 
@@ -49,7 +50,9 @@ def test_jitter_grows_tenfold_and_reports_it():
 
 def test_linearized_network_on_singular_kernel_warns_and_is_finite():
     net, X, K = _singular_ntk()
-    d = pyro_ntk.LinearizedNetwork(net, X, variance=1.0, jitter=0.0, solver="cholesky")
+    d = pyro_ntk.LinearizedNetwork(
+        net, X, variance=1.0, jitter=0.0, options=SolverOptions(solver="cholesky")
+    )
     f = d.mean
     with pytest.warns(NumericalWarning, match="LinearizedNetwork: .*jitter"):
         lp = d.log_prob(f)
@@ -166,7 +169,11 @@ def test_kernels_and_models_inherit_the_guard():
     lin = pyro_ntk.Linearization(net)
     lin.max_dense_bytes = 6 * 6 * 8  # one kernel fits, two per-layer kernels do not
     d = pyro_ntk.LinearizedNetwork(
-        lin, X, variance=torch.ones(2), layer_variances=True, solver="cholesky"
+        lin,
+        X,
+        variance=torch.ones(2),
+        layer_variances=True,
+        options=SolverOptions(solver="cholesky"),
     )
     with pytest.raises(MemoryError, match=r"LinearizedNetwork: 2 per-layer kernels"):
         d.log_prob(d.mean)

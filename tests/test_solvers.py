@@ -8,12 +8,14 @@ from networks import assert_unchanged, snapshot
 from torch import nn
 
 from pyro_ntk import Linearization, LinearizedNetwork, NTKGPRegression
-from pyro_ntk.distributions import NTKSystem
-from pyro_ntk.fisher import FisherLinearOperator
+from pyro_ntk.gp import NTKSystem
+from pyro_ntk.operators.fisher import FisherLinearOperator
+from pyro_ntk.options import SolverOptions
 from pyro_ntk.preconditioners import randomized_eigh
 from pyro_ntk.solvers import (
     SolverDiagnostics,
     conjugate_gradient,
+    lanczos_quadrature,
     solve_damped,
     solve_with_escalation,
 )
@@ -143,7 +145,7 @@ def _system(net, X, kind, rank, **kw):
     options = dict(solver="cg", preconditioner=kind, preconditioner_rank=rank)
     options.update(max_cg_iterations=3, cg_tolerance=1e-10)
     options.update(kw)
-    return NTKSystem(Linearization(net), X, **options)
+    return NTKSystem(Linearization(net), X, SolverOptions(**options))
 
 
 def _relerr(x, want):
@@ -260,9 +262,10 @@ def test_regression_posterior_mean_escalates_to_the_exact_mean():
     y = torch.randn(30)
     Xs = torch.randn(5, 2)
     opts = dict(noise=torch.tensor(1e-4), jitter=0.0, num_posterior_samples=4)
-    exact = NTKGPRegression(X, y, net, solver="cholesky", **opts)
-    cg = NTKGPRegression(X, y, net, solver="cg", preconditioner="fisher", preconditioner_rank=2,
-                         max_cg_iterations=3, cg_tolerance=1e-10, **opts)  # fmt: skip
+    exact = NTKGPRegression(X, y, net, **opts, options=SolverOptions(solver="cholesky"))
+    cg = NTKGPRegression(X, y, net, **opts,
+        options=SolverOptions(solver="cg", preconditioner="fisher", preconditioner_rank=2, max_cg_iterations=3, cg_tolerance=1e-10),
+    )  # fmt: skip
     with torch.no_grad():
         want, _ = exact(Xs)
         with pytest.warns(NumericalWarning) as record:
@@ -324,12 +327,15 @@ def test_unconverged_log_prob_escalates_to_the_exact_density_and_gradient():
     f = torch.randn(30, 1)
     opts = dict(mean="zero", jitter=0.0, noise=torch.tensor(1e-4))
     v_exact = torch.tensor(0.7, requires_grad=True)
-    exact = LinearizedNetwork(net, X, variance=v_exact, solver="cholesky", **opts)
+    exact = LinearizedNetwork(
+        net, X, variance=v_exact, **opts, options=SolverOptions(solver="cholesky")
+    )
     want = exact.log_prob(f)
     (g_want,) = torch.autograd.grad(want, v_exact)
     v = torch.tensor(0.7, requires_grad=True)
-    d = LinearizedNetwork(net, X, variance=v, solver="cg", preconditioner="fisher",
-                          preconditioner_rank=2, max_cg_iterations=3, cg_tolerance=1e-8, **opts)  # fmt: skip
+    d = LinearizedNetwork(net, X, variance=v, **opts,
+        options=SolverOptions(solver="cg", preconditioner="fisher", preconditioner_rank=2, max_cg_iterations=3, cg_tolerance=1e-8),
+    )  # fmt: skip
     with pytest.warns(NumericalWarning) as record:
         got = d.log_prob(f)
     first, final = (str(w.message) for w in record)
@@ -351,7 +357,52 @@ def test_unconverged_log_prob_escalates_to_the_exact_density_and_gradient():
 
 def test_converged_log_prob_does_not_escalate():
     net, X, _ = _ntk_case()
-    d = LinearizedNetwork(net, X, variance=1.0, noise=0.1, solver="cg", preconditioner="fisher")
+    d = LinearizedNetwork(
+        net, X, variance=1.0, noise=0.1, options=SolverOptions(solver="cg", preconditioner="fisher")
+    )
     d.log_prob(d.sample())  # filterwarnings=error: no warning
     assert [a.step for a in d.system.last_log_prob.attempts] == ["initial"]
     assert d.system.last_log_prob.converged
+
+
+# ---------------------------------------------------------------------- Lanczos quadrature
+def test_lanczos_quadrature_estimates_tr_log_of_a_small_spd_matrix():
+    gen = torch.Generator().manual_seed(0)
+    n = 40
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    B = (Q * torch.logspace(0, 3, n, dtype=torch.float64)) @ Q.T
+    exact = torch.logdet(B)
+    # n steps with full reorthogonalization: each probe's quadrature is exact, gᵀ log(B) g
+    g = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    nodes, weights, steps = lanczos_quadrature(B.matmul, g, n, 1e-12)
+    assert nodes.shape == weights.shape == (3, steps) and steps <= n
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, dtype=torch.float64))
+    quad = g.square().sum(0) * (weights * nodes.log()).sum(-1)
+    evals, evecs = torch.linalg.eigh(B)
+    want = ((evecs.T @ g).square() * evals.log()[:, None]).sum(0)
+    torch.testing.assert_close(quad, want, rtol=1e-8, atol=1e-8)
+    # many Gaussian probes: tr log B within the Monte Carlo error
+    g = torch.randn(n, 4000, generator=gen, dtype=torch.float64)
+    nodes, weights, _ = lanczos_quadrature(B.matmul, g, 30, 1e-10)
+    est = (g.square().sum(0) * (weights * nodes.log()).sum(-1)).mean()
+    assert abs(float(est - exact)) < 0.05 * abs(float(exact))
+
+
+def test_lanczos_quadrature_reduce_and_bad_probes():
+    """``reduce`` sees every inner product (identity here: one shard); probes must be 2-D."""
+    gen = torch.Generator().manual_seed(1)
+    B = torch.diag(torch.linspace(1, 5, 10, dtype=torch.float64))
+    g = torch.randn(10, 2, generator=gen, dtype=torch.float64)
+    calls = []
+
+    def reduce(t):
+        calls.append(t.shape)
+        return t
+
+    one = lanczos_quadrature(B.matmul, g, 10, 1e-12)
+    both = lanczos_quadrature(B.matmul, g, 10, 1e-12, reduce=reduce)
+    for a, b in zip(one[:2], both[:2], strict=True):
+        assert torch.equal(a, b)
+    assert one[2] == both[2] and calls and all(c[-1] == 2 for c in calls)
+    with pytest.raises(ValueError, match="lanczos_quadrature: probes"):
+        lanczos_quadrature(B.matmul, torch.ones(3, dtype=torch.float64), 5, 1e-12)

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from zoo import ZOO, ZooCase
 
 from pyro_ntk import EmpiricalNTK, Linearization, LinearizedModel, NTKGPRegression
+from pyro_ntk.options import SolverOptions
 from pyro_ntk.testing import reference_jacobian, reference_output
 
 ENGINES = ("functorch", "cached", "structured", "auto")
@@ -372,7 +373,7 @@ def _textbook(ref: Reference, ref_s: Reference, y: Tensor):
     return A, Ksx, mean, cov
 
 
-def _regression(run: Run, y: Tensor, **solver) -> NTKGPRegression:
+def _regression(run: Run, y: Tensor, **options) -> NTKGPRegression:
     return NTKGPRegression(
         run.X,
         y,
@@ -380,16 +381,16 @@ def _regression(run: Run, y: Tensor, **solver) -> NTKGPRegression:
         noise=torch.tensor(NOISE),
         variance=torch.tensor(VARIANCE),
         jitter=JITTER,
-        **solver,
+        **options,
     )
 
 
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_regression_cholesky(case):
-    """``NTKGPRegression(solver="cholesky")`` posterior mean and variance: the textbook GP."""
+    """``NTKGPRegression`` (``solver="cholesky"``) posterior mean and variance: the textbook GP."""
     run, ref, ref_s = model_run(case)
     y = _targets(ref)
-    gp = _regression(run, y, solver="cholesky")
+    gp = _regression(run, y, options=SolverOptions(solver="cholesky"))
     _, _, mean_ref, cov_ref = _textbook(ref, ref_s, y)
     mean, var = gp(run.X2)
     m = Mismatches()
@@ -400,7 +401,7 @@ def test_regression_cholesky(case):
 
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_regression_cg(case):
-    """``NTKGPRegression(solver="cg")``: the mean by CG, the variances by pathwise draws.
+    """``NTKGPRegression`` with ``solver="cg"``: the mean by CG, the variances by pathwise draws.
 
     The CG variances are a Monte Carlo estimate from ``S`` draws ``z ~ N(0, σ²I)`` of
     θ − θ* and ``ε ~ N(0, (s² + ε)I)``, made in that order by a generator seeded with
@@ -413,9 +414,7 @@ def test_regression_cg(case):
     gp = _regression(
         run,
         y,
-        solver="cg",
-        cg_tolerance=1e-12,
-        max_cg_iterations=2000,
+        options=SolverOptions(solver="cg", cg_tolerance=1e-12, max_cg_iterations=2000),
         num_posterior_samples=S,
         posterior_seed=seed,
     )

@@ -11,5 +11,6 @@ and shape handling live in :class:`~pyro_ntk.Linearization`, in one place.
 from pyro_ntk._engines.base import Engine as Engine
 from pyro_ntk._engines.cached import CachedEngine as CachedEngine
 from pyro_ntk._engines.functorch import FuncTorchEngine as FuncTorchEngine
+from pyro_ntk._engines.structured import LayerFactors as LayerFactors
 from pyro_ntk._engines.structured import StructuredEngine as StructuredEngine
 from pyro_ntk._engines.structured import make_plan as make_plan

@@ -39,10 +39,12 @@ target tasks drawn from it), ``diabetes`` (scikit-learn's bundled diabetes table
 patients from a few of them) and ``digits`` (:func:`pyro_ntk.datasets.digits_transfer`).
 
 Modules: :mod:`~pyro_ntk.demo.config` (options and records), :mod:`~pyro_ntk.demo.tasks`
-(data and architectures), :mod:`~pyro_ntk.demo.training` (Adam loops, cached source network),
-:mod:`~pyro_ntk.demo.methods` (regression adaptations), :mod:`~pyro_ntk.demo.classification`
-(digits adaptations), :mod:`~pyro_ntk.demo.report` (table and plots),
-:mod:`~pyro_ntk.demo.runner` (:func:`run_demo`).
+(data and architectures), :mod:`~pyro_ntk.demo.training` (Adam and SVI loops, cached source
+network), :mod:`~pyro_ntk.demo.methods` (regression adaptations),
+:mod:`~pyro_ntk.demo.classification` (digits adaptations), :mod:`~pyro_ntk.demo.report`
+(table and plots), :mod:`~pyro_ntk.demo.runner` (:func:`run_demo`). The classification
+recipes themselves (new head, prior mean, dense-layer selection, evidence-fitted and tempered
+Laplace) are library functions of :mod:`pyro_ntk.adaptation`.
 """
 
 from __future__ import annotations
@@ -55,18 +57,19 @@ from pyro_ntk.demo.config import Data as Data
 from pyro_ntk.demo.config import DemoConfig as DemoConfig
 from pyro_ntk.demo.config import Result as Result
 from pyro_ntk.demo.config import run_settings as run_settings
-from pyro_ntk.demo.methods import _fine_tune as _fine_tune
-from pyro_ntk.demo.methods import _last_layer as _last_layer
-from pyro_ntk.demo.methods import _ntk_gp as _ntk_gp
-from pyro_ntk.demo.methods import _rbf_gp as _rbf_gp
-from pyro_ntk.demo.methods import _source_only as _source_only
+from pyro_ntk.demo.methods import fine_tune as fine_tune
 from pyro_ntk.demo.methods import gaussian_scores as gaussian_scores
+from pyro_ntk.demo.methods import last_layer as last_layer
+from pyro_ntk.demo.methods import ntk_gp as ntk_gp
+from pyro_ntk.demo.methods import rbf_gp as rbf_gp
+from pyro_ntk.demo.methods import source_only as source_only
 from pyro_ntk.demo.report import format_table as format_table
 from pyro_ntk.demo.runner import run_demo as run_demo
-from pyro_ntk.demo.tasks import _diabetes_data as _diabetes_data
-from pyro_ntk.demo.tasks import _digits_data as _digits_data
-from pyro_ntk.demo.tasks import _sine_data as _sine_data
+from pyro_ntk.demo.tasks import diabetes_data as diabetes_data
+from pyro_ntk.demo.tasks import digits_data as digits_data
+from pyro_ntk.demo.tasks import load_task as load_task
 from pyro_ntk.demo.tasks import make_network as make_network
+from pyro_ntk.demo.tasks import sine_data as sine_data
 from pyro_ntk.demo.training import default_cache_dir as default_cache_dir
 from pyro_ntk.demo.training import source_network as source_network
 from pyro_ntk.demo.training import train_mse as train_mse
@@ -80,11 +83,20 @@ __all__ = [
     "Result",
     "classification_scores",
     "default_cache_dir",
+    "diabetes_data",
+    "digits_data",
+    "fine_tune",
     "format_table",
     "gaussian_scores",
+    "last_layer",
+    "load_task",
     "make_network",
+    "ntk_gp",
+    "rbf_gp",
     "run_demo",
     "run_settings",
+    "sine_data",
     "source_network",
+    "source_only",
     "train_mse",
 ]

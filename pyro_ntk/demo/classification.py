@@ -5,16 +5,16 @@ from the same θ*: the source body and a **new last layer** fitted on the k-shot
 the body frozen (multinomial logistic regression, L-BFGS, weight decay 0.1 fixed in advance).
 
 * **NTK / linearized Laplace (pyro_ntk)** — :class:`~pyro_ntk.LinearizedLaplace` on the
-  network's dense layers linearized at θ* (:func:`dense_parameters`; the convolutions keep
-  their source weights): categorical likelihood, one prior variance σ_g² per layer chosen
+  network's dense layers linearized at θ*
+  (:func:`~pyro_ntk.adaptation.evidence_laplace`; the convolutions keep their source weights): categorical likelihood, one prior variance σ_g² per layer chosen
   by maximising the Laplace evidence of the k-shot data, exact posterior on the ``kernel``
   route (cost O((N·C)³) with N·C = 5k·5), extended-probit predictive. The prior is centred at
   the source weights in the body and at *zero* in the new head (a prior centred at the k-shot
   head, itself fitted to the same points, would count the data twice);
 * **NTK / tempered Laplace (pyro_ntk)** — the same model's *tempered* posterior
   ``p(y | δ)^{1/T} p(δ)`` (``LinearizedLaplace(..., temperature=T)``, same layers, prior mean
-  and σ_g²), T ∈ {1, 4⁻¹, …, 4⁻¹⁰} chosen by :func:`~pyro_ntk.cross_validate_temperature` on
-  the k-shot images alone (5 stratified folds; the new head and σ_g² refitted in each; T = 1
+  and σ_g²), T ∈ {1, 4⁻¹, …, 4⁻¹⁰} chosen by
+  :func:`~pyro_ntk.adaptation.cross_validate_head_temperature` on the k-shot images alone (5 stratified folds; the new head and σ_g² refitted in each; T = 1
   at k = 1). The Bayes (T = 1) predictive of this model is underconfident on a few images
   per class; a cold posterior removes the prior's spread along the directions the images
   inform (``examples/digits_transfer.py`` measures both over 10 draws);
@@ -39,11 +39,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from pyro_ntk.adaptation import (
+    cross_validate_head_temperature,
+    evidence_laplace,
+    fit_head,
+    tempered_laplace,
+)
 from pyro_ntk.demo.config import ClassificationResult, Data, DemoConfig
-from pyro_ntk.demo.methods import _fit_gp
-from pyro_ntk.demo.training import train_cross_entropy
+from pyro_ntk.demo.training import train_cross_entropy, train_svi
 
-HEAD_WEIGHT_DECAY = 0.1
 ECE_BINS = 15
 
 
@@ -95,37 +99,15 @@ class KShotStart:
     seconds: float
 
 
-def _new_head(net: nn.Module, data: Data, cfg: DemoConfig) -> KShotStart:
-    """A copy of ``net`` whose last layer is refitted on the target points (body frozen)."""
-    t0 = time.perf_counter()
-    tuned = fit_head(net, data.X_target, data.y_target, cfg.seed)
-    return KShotStart(tuned, time.perf_counter() - t0)
+def new_head(net: nn.Module, data: Data, cfg: DemoConfig) -> KShotStart:
+    """θ*: a copy of ``net`` whose last layer is refitted on the target points, and its cost.
 
-
-def fit_head(net: nn.Module, X: Tensor, y: Tensor, seed: int = 0) -> nn.Module:
-    """A copy of ``net`` in eval mode with a new last layer fitted on ``(X, y)``, body frozen.
-
-    Multinomial logistic regression on the body's features: L-BFGS, weight decay
-    :data:`HEAD_WEIGHT_DECAY`, the new layer initialised under ``torch.manual_seed(seed)``.
+    :func:`~pyro_ntk.adaptation.fit_head` (body frozen, weight decay
+    :data:`~pyro_ntk.adaptation.HEAD_WEIGHT_DECAY`), the head initialised under ``cfg.seed``.
     """
-    tuned = copy.deepcopy(net)
-    body, head = tuned[:-1], tuned[-1]
-    torch.manual_seed(seed)
-    head.reset_parameters()
-    with torch.no_grad():
-        features = body(X)
-    opt = torch.optim.LBFGS(head.parameters(), max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        penalty = sum(p.square().sum() for p in head.parameters())
-        loss = nn.functional.cross_entropy(head(features), y)
-        loss = loss + HEAD_WEIGHT_DECAY * penalty
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return tuned.eval()
+    t0 = time.perf_counter()
+    tuned = fit_head(net, data.X_target, data.y_target, seed=cfg.seed)
+    return KShotStart(tuned, time.perf_counter() - t0)
 
 
 def _probabilities(net: nn.Module, X: Tensor) -> Tensor:
@@ -138,110 +120,60 @@ def _result(name: str, probs: Tensor, data: Data, seconds: float, info: str = ""
     return ClassificationResult(name, *scores, seconds, probs, info)
 
 
-def _last_layer_classifier(
+def last_layer_classifier(
     net: nn.Module, data: Data, cfg: DemoConfig
 ) -> tuple[ClassificationResult, KShotStart]:
-    start = _new_head(net, data, cfg)
+    """**last layer retrained**: θ* itself (:func:`new_head`), MAP predictions; and θ*."""
+    start = new_head(net, data, cfg)
     t0 = time.perf_counter()
     probs = _probabilities(start.network, data.X_test)
     seconds = start.seconds + time.perf_counter() - t0
     return _result("last layer retrained", probs, data, seconds), start
 
 
-def head_prior_mean(lin) -> Tensor:
-    """δ's prior mean ``θ₀ − θ*`` with θ₀ = θ* in the body and 0 in the last layer, ``(P,)``.
-
-    Args:
-        lin: the :class:`~pyro_ntk.Linearization` at θ*.
+def laplace_classifier(start: KShotStart, data: Data, cfg: DemoConfig) -> tuple:
+    """**NTK / lin. Laplace**: :func:`~pyro_ntk.adaptation.evidence_laplace` at θ*.
 
     Returns:
-        ``−θ*`` on the last group's parameters, 0 elsewhere.
+        The result and the fitted :class:`~pyro_ntk.LinearizedLaplace`.
     """
-    theta = torch.cat([lin.theta[n].reshape(-1) for n in lin.space.names])
-    head = lin.space.group_index() == len(lin.groups) - 1
-    return torch.where(head, -theta, torch.zeros_like(theta))
-
-
-def dense_parameters(net: nn.Module) -> tuple[str, ...]:
-    """Names of the ``nn.Linear`` layers' parameters: what the Laplace linearizes.
-
-    The convolutions keep their source weights: with all layers linearized, the evidence of
-    25–50 images puts almost all prior variance on the first convolution and the accuracy
-    drops (measured with ``examples/digits_transfer.py`` on development seeds).
-    """
-    return tuple(
-        f"{name}.{p}"
-        for name, m in net.named_modules()
-        if isinstance(m, nn.Linear)
-        for p in ("weight", "bias")
-        if getattr(m, p) is not None
-    )
-
-
-def evidence_laplace(network: nn.Module, X: Tensor, y: Tensor, num_steps: int = 50) -> tuple:
-    """The Laplace on ``network``'s dense layers with σ_g² maximising the evidence of (X, y).
-
-    Categorical likelihood, one prior variance per layer (from 0.1) fitted by ``num_steps``
-    L-BFGS steps of :meth:`~pyro_ntk.LinearizedLaplace.optimize_prior`, prior mean
-    :func:`head_prior_mean`, ``kernel`` route.
-
-    Returns:
-        ``(LinearizedLaplace, log evidence before, log evidence after)``.
-    """
-    from pyro_ntk import Linearization, LinearizedLaplace
-
-    lin = Linearization(network, params=dense_parameters(network))
-    la = LinearizedLaplace(
-        None, "categorical", variance=0.1, layer_variances=True, method="kernel",
-        linearization=lin, prior_mean=head_prior_mean(lin),
-    )  # fmt: skip
-    la.fit(X, y)
-    before = float(la.log_marginal_likelihood())
-    # L-BFGS on log σ² with the MAP refitted exactly at every step (kernel route)
-    after = la.optimize_prior(X, y, rounds=1, num_steps=num_steps)[-1]
-    return la, before, after
-
-
-def _laplace_ntk(start: KShotStart, data: Data, cfg: DemoConfig) -> tuple:
     t0 = time.perf_counter()
-    la, before, after = evidence_laplace(start.network, data.X_target, data.y_target)
+    fit = evidence_laplace(start.network, data.X_target, data.y_target)
+    la = fit.laplace
     probs = la.predict(data.X_test)
     seconds = start.seconds + time.perf_counter() - t0
     shown = ", ".join(f"{v:.3g}" for v in la.variance.reshape(-1).tolist())
     info = (
         f"NTK (linearized Laplace, dense layers) prior variances per layer = {shown}; "
-        f"log evidence {before:.2f} -> {after:.2f}"
+        f"log evidence {fit.log_evidence_before:.2f} -> {fit.log_evidence_after:.2f}"
     )
     return _result("NTK / lin. Laplace (pyro_ntk)", probs, data, seconds, info), la
 
 
-def _tempered_laplace(
+def tempered_laplace_classifier(
     net: nn.Module, la, laplace_seconds: float, data: Data, cfg: DemoConfig
 ) -> ClassificationResult:
-    """The tempered Laplace of ``la``'s model, T by cross-validation on the k-shot images."""
-    from pyro_ntk import LinearizedLaplace, cross_validate_temperature
+    """**NTK / tempered Laplace**: ``la``'s model tempered, T by CV on the k-shot images.
 
+    :func:`~pyro_ntk.adaptation.cross_validate_head_temperature` from the source network
+    ``net`` (at most 5 folds; T = 1 with one image per class), then
+    :func:`~pyro_ntk.adaptation.tempered_laplace`. Its seconds add ``laplace_seconds``.
+    """
     t0 = time.perf_counter()
     X, y = data.X_target, data.y_target
     k = int(torch.bincount(y).min())
     T, info = 1.0, "tempered Laplace: T = 1 (one image per class: nothing to cross-validate)"
     if k >= 2:
-
-        def refit(Xk: Tensor, yk: Tensor):
-            return evidence_laplace(fit_head(net, Xk, yk, cfg.seed), Xk, yk)[0]
-
-        T = cross_validate_temperature(refit, X, y, folds=min(5, k)).temperature
-        info = f"tempered Laplace: T = {T:.3g} by {min(5, k)}-fold cross-validation"
-    tempered = LinearizedLaplace(
-        None, "categorical", variance=la.variance, layer_variances=True, method="kernel",
-        linearization=la.lin, prior_mean=la.prior_mean, temperature=T,
-    )  # fmt: skip
-    probs = tempered.fit(X, y).predict(data.X_test)
+        folds = min(5, k)
+        T = cross_validate_head_temperature(net, X, y, folds=folds, seed=cfg.seed).temperature
+        info = f"tempered Laplace: T = {T:.3g} by {folds}-fold cross-validation"
+    probs = tempered_laplace(la, X, y, T).predict(data.X_test)
     seconds = laplace_seconds + time.perf_counter() - t0
     return _result("NTK / tempered Laplace (pyro_ntk)", probs, data, seconds, info)
 
 
-def _fine_tune_classifier(start: KShotStart, data: Data, cfg: DemoConfig) -> tuple:
+def fine_tune_classifier(start: KShotStart, data: Data, cfg: DemoConfig) -> tuple:
+    """**fine-tuning**: a copy of θ* trained further, all weights (Adam); and the copy."""
     t0 = time.perf_counter()
     tuned = copy.deepcopy(start.network)
     train_cross_entropy(
@@ -253,7 +185,8 @@ def _fine_tune_classifier(start: KShotStart, data: Data, cfg: DemoConfig) -> tup
     return _result("fine-tuning", probs, data, seconds), tuned
 
 
-def _rbf_gp_classifier(data: Data, cfg: DemoConfig) -> tuple:
+def rbf_gp_classifier(data: Data, cfg: DemoConfig) -> tuple:
+    """**RBF GP**: a ``VariationalGP`` classifier on the pixels, fitted by SVI; and the model."""
     import pyro.contrib.gp as gp
 
     from pyro_ntk import gp_class_probabilities
@@ -270,7 +203,7 @@ def _rbf_gp_classifier(data: Data, cfg: DemoConfig) -> tuple:
         X, data.y_target, kernel, gp.likelihoods.MultiClass(num_classes=data.num_classes),
         latent_shape=torch.Size([data.num_classes]), whiten=True, jitter=1e-5,
     )  # fmt: skip
-    _fit_gp(model, cfg.svi_steps, 0.05, "RBF GP classifier: SVI", cfg.progress)
+    train_svi(model, cfg.svi_steps, 0.05, "RBF GP classifier: SVI", cfg.progress)
     probs = gp_class_probabilities(model, Xtest)
     seconds = time.perf_counter() - t0
     return _result("RBF GP (pyro.contrib.gp)", probs, data, seconds), model
@@ -290,9 +223,9 @@ def classification_methods(
         The results in the table's order: NTK (Laplace, tempered Laplace), fine-tuning,
         last layer, RBF GP.
     """
-    last, start = _last_layer_classifier(net, data, cfg)
-    ntk, la = _laplace_ntk(start, data, cfg)
-    tempered = _tempered_laplace(net, la, ntk.seconds, data, cfg)
-    ft, _ = _fine_tune_classifier(start, data, cfg)
-    rbf, _ = _rbf_gp_classifier(data, cfg)
+    last, start = last_layer_classifier(net, data, cfg)
+    ntk, la = laplace_classifier(start, data, cfg)
+    tempered = tempered_laplace_classifier(net, la, ntk.seconds, data, cfg)
+    ft, _ = fine_tune_classifier(start, data, cfg)
+    rbf, _ = rbf_gp_classifier(data, cfg)
     return [ntk, tempered, ft, last, rbf]

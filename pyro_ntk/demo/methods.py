@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from pyro_ntk.demo.config import Z95, Data, DemoConfig, Result
-from pyro_ntk.demo.training import _progress, train_mse
+from pyro_ntk.demo.training import train_mse, train_svi
 
 
 def gaussian_scores(mean: Tensor, var: Tensor, y: Tensor) -> tuple[float, float, float]:
@@ -54,26 +54,8 @@ def _plug_in(net: nn.Module, data: Data, train_mse: float) -> tuple[Tensor, Tens
     return mean, torch.full_like(mean, max(train_mse, 1e-6))
 
 
-def _fit_gp(model, steps: int, lr: float, desc: str, progress: bool) -> list[float]:
-    """Fit a ``pyro.contrib.gp`` model's parameters by SVI (as ``gp.util.train``), with a bar."""
-    from pyro.infer import TraceMeanField_ELBO
-
-    loss_fn = TraceMeanField_ELBO().differentiable_loss
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    losses = []
-    bar = _progress(range(steps), desc, progress)
-    for step in bar:
-        opt.zero_grad()
-        loss = loss_fn(model.model, model.guide)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    return losses
-
-
-def _source_only(net: nn.Module, data: Data, cfg: DemoConfig) -> Result:
+def source_only(net: nn.Module, data: Data, cfg: DemoConfig) -> Result:
+    """**source network**: the network as it is, with the plug-in noise (the reference)."""
     t0 = time.perf_counter()
     with torch.no_grad():
         mse = float((net(data.X_target).squeeze(-1) - data.y_target).square().mean())
@@ -82,7 +64,12 @@ def _source_only(net: nn.Module, data: Data, cfg: DemoConfig) -> Result:
     return Result("source network (no adaptation)", *scores, time.perf_counter() - t0, mean, var)
 
 
-def _ntk_gp(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, object]:
+def ntk_gp(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, object]:
+    """**NTK-GP**: :class:`~pyro_ntk.NTKGPRegression`, noise and variance(s) fitted by SVI.
+
+    Returns:
+        The result and the fitted model.
+    """
     from pyro_ntk import NTKGPRegression
 
     t0 = time.perf_counter()
@@ -93,7 +80,7 @@ def _ntk_gp(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, object
         noise=torch.tensor(0.1, device=data.X_target.device),
         layer_variances=cfg.layer_variances,
     )
-    losses = _fit_gp(gpr, cfg.svi_steps, 0.05, "NTK-GP: SVI on noise and variance", cfg.progress)
+    losses = train_svi(gpr, cfg.svi_steps, 0.05, "NTK-GP: SVI on noise and variance", cfg.progress)
     with torch.no_grad():
         mean, var = gpr(data.X_test, noiseless=False)
     seconds = time.perf_counter() - t0
@@ -109,7 +96,8 @@ def _ntk_gp(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, object
     return Result("NTK-GP (pyro_ntk)", *scores, seconds, mean, var, info), gpr
 
 
-def _fine_tune(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, nn.Module]:
+def fine_tune(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, nn.Module]:
+    """**fine-tuning**: a copy of the network trained on the target points (Adam); and the copy."""
     t0 = time.perf_counter()
     tuned = copy.deepcopy(net)
     mse = train_mse(
@@ -127,7 +115,8 @@ def _fine_tune(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, nn.
     return Result("fine-tuning", *scores, time.perf_counter() - t0, mean, var), tuned
 
 
-def _last_layer(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, nn.Module]:
+def last_layer(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, nn.Module]:
+    """**last layer retrained**: a copy whose last ``nn.Linear`` alone is trained; and the copy."""
     t0 = time.perf_counter()
     tuned = copy.deepcopy(net)
     last = [m for m in tuned.modules() if isinstance(m, nn.Linear)][-1]
@@ -150,7 +139,8 @@ def _last_layer(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, nn
     return Result("last layer retrained", *scores, time.perf_counter() - t0, mean, var), tuned
 
 
-def _rbf_gp(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, object]:
+def rbf_gp(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, object]:
+    """**RBF GP**: ``pyro.contrib.gp``'s ``GPRegression`` (ARD ``RBF``), fitted by SVI; and it."""
     import pyro.contrib.gp as gp
 
     t0 = time.perf_counter()
@@ -164,11 +154,12 @@ def _rbf_gp(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, object
     gpr = gp.models.GPRegression(
         data.X_target, data.y_target, kernel, noise=torch.tensor(0.1, device=device)
     )
-    _fit_gp(gpr, cfg.svi_steps, 0.05, "RBF GP: SVI on its hyperparameters", cfg.progress)
+    train_svi(gpr, cfg.svi_steps, 0.05, "RBF GP: SVI on its hyperparameters", cfg.progress)
     with torch.no_grad():
         mean, var = gpr(data.X_test, full_cov=False, noiseless=False)
     scores = gaussian_scores(mean, var, data.y_test)
     return Result("RBF GP (pyro.contrib.gp)", *scores, time.perf_counter() - t0, mean, var), gpr
 
 
-REGRESSION_METHODS = (_ntk_gp, _fine_tune, _last_layer, _rbf_gp)
+REGRESSION_METHODS = (ntk_gp, fine_tune, last_layer, rbf_gp)
+"""The adaptations, in the table's order (after :func:`source_only`)."""

@@ -9,7 +9,7 @@ import torch
 
 from pyro_ntk.demo.classification import classification_methods
 from pyro_ntk.demo.config import TASKS, Data, DemoConfig, resolve_device, run_settings
-from pyro_ntk.demo.methods import REGRESSION_METHODS, _source_only
+from pyro_ntk.demo.methods import REGRESSION_METHODS, source_only
 from pyro_ntk.demo.report import format_table, plot_bands, plot_reliability
 from pyro_ntk.demo.tasks import load_task, to_device
 from pyro_ntk.demo.training import source_network
@@ -79,7 +79,7 @@ def _warm_up(cfg: DemoConfig, data: Data, methods) -> None:
 def _regression(cfg: DemoConfig, data: Data, net) -> dict:
     _warm_up(cfg, data, [lambda d, c, m=m: m(net, d, c) for m in REGRESSION_METHODS])
     ntk_gp, fine_tune, last_layer, rbf_gp = REGRESSION_METHODS
-    results = [_source_only(net, data, cfg)]
+    results = [source_only(net, data, cfg)]
     ntk, gpr = ntk_gp(net, data, cfg)
     ft, tuned = fine_tune(net, data, cfg)
     ll, last = last_layer(net, data, cfg)

@@ -8,7 +8,8 @@ from torch import nn
 from pyro_ntk.demo.config import TASKS, Data, DemoConfig
 
 
-def _sine_data(cfg: DemoConfig) -> Data:
+def sine_data(cfg: DemoConfig) -> Data:
+    """``sine``: source and target tasks of the sine family, ``cfg``'s numbers of points."""
     from pyro_ntk.datasets import sample_sine_tasks
 
     source, target = sample_sine_tasks(2, seed=cfg.seed)
@@ -23,7 +24,12 @@ def _sine_data(cfg: DemoConfig) -> Data:
     return Data("sine", Xs, ys, Xa, ya, Xt, yt, desc, truth=target)
 
 
-def _diabetes_data(cfg: DemoConfig) -> Data:
+def diabetes_data(cfg: DemoConfig) -> Data:
+    """``diabetes``: trained on patients below the median age, adapted to the older ones.
+
+    Standardized with the source rows' statistics; ``cfg.num_target`` older patients for
+    adaptation (drawn with ``cfg.seed``), the other older patients for testing.
+    """
     try:
         from sklearn.datasets import load_diabetes
     except ImportError as err:  # pragma: no cover - scikit-learn ships with the extras
@@ -58,7 +64,8 @@ def _diabetes_data(cfg: DemoConfig) -> Data:
     return Data("diabetes", Xs, ys, Xo[ia], yo[ia], Xo[it], yo[it], desc)
 
 
-def _digits_data(cfg: DemoConfig) -> Data:
+def digits_data(cfg: DemoConfig) -> Data:
+    """``digits``: :func:`~pyro_ntk.datasets.digits_transfer`, ``cfg.num_target`` images per class."""
     from pyro_ntk.datasets import digits_transfer
 
     try:
@@ -88,7 +95,7 @@ def load_task(cfg: DemoConfig) -> Data:
     Raises:
         ValueError: an unknown task, or a number of target points the task cannot supply.
     """
-    loaders = {"sine": _sine_data, "diabetes": _diabetes_data, "digits": _digits_data}
+    loaders = {"sine": sine_data, "diabetes": diabetes_data, "digits": digits_data}
     if cfg.task not in loaders:
         raise ValueError(f"demo: --task must be one of {list(TASKS)}, got {cfg.task!r}.")
     return loaders[cfg.task](cfg)

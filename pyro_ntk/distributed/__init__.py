@@ -9,6 +9,7 @@ Each rank holds a row shard of the data; see ``docs/distributed.rst`` and
 ``examples/distributed_regression.py``.
 """
 
+from pyro_ntk.distributed.cg import sharded_conjugate_gradient as sharded_conjugate_gradient
 from pyro_ntk.distributed.comm import CommStats as CommStats
 from pyro_ntk.distributed.comm import Communicator as Communicator
 from pyro_ntk.distributed.comm import DistributedError as DistributedError
@@ -22,9 +23,6 @@ from pyro_ntk.distributed.preconditioner import (
     ShardedFisherPreconditioner as ShardedFisherPreconditioner,
 )
 from pyro_ntk.distributed.regression import ShardedNTKRegression as ShardedNTKRegression
-from pyro_ntk.distributed.regression import (
-    sharded_conjugate_gradient as sharded_conjugate_gradient,
-)
 
 __all__ = [
     "CommStats",

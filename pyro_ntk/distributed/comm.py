@@ -28,6 +28,14 @@ from torch import Tensor
 
 from pyro_ntk._checks import check_nonnegative_int, check_positive_int, check_tensor
 
+if dist.is_available():
+    # Imported while no process group exists: its collectives bind ``group=group.WORLD`` as
+    # a default argument at import, and torch imports it lazily (torch._dynamo, reached
+    # through torch.func, imports it). Imported after init_process_group, it would keep the
+    # default group alive past destroy_process_group, with its gloo worker threads (see
+    # init_from_env).
+    import torch.distributed.nn.functional  # noqa: F401
+
 __all__ = ["CommStats", "Communicator", "DistributedError", "init_from_env", "shard_rows"]
 
 
@@ -72,6 +80,29 @@ def shard_rows(n: int, rank: int, world_size: int) -> slice:
     base, extra = divmod(n, world_size)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (rank < extra))
+
+
+class _SumOverRanks(torch.autograd.Function):
+    r"""Differentiable ``Σ_r x_r``: the backward of a sum over ranks is again a sum over ranks.
+
+    .. math:: \frac{\partial}{\partial x_r} \sum_s L_s = \sum_s
+        \frac{\partial L_s}{\partial y}, \qquad y = \sum_s x_s
+
+    ``torch.distributed.nn.functional.all_reduce`` computes the same but is deprecated; this
+    function holds only the group it is given (``None``: the default group, looked up at
+    each call), so it never keeps a destroyed group alive.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group: object | None) -> Tensor:
+        ctx.group = group
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return _SumOverRanks.apply(grad, ctx.group), None
 
 
 class Communicator:
@@ -134,13 +165,9 @@ class Communicator:
             return tensor
         nbytes = tensor.numel() * tensor.element_size()
         if tensor.requires_grad and torch.is_grad_enabled():
-            from torch.distributed.nn.functional import all_reduce as differentiable_all_reduce
-
             box: list[Tensor] = []
             self._run(
-                "all_reduce",
-                nbytes,
-                lambda: box.append(differentiable_all_reduce(tensor, group=self.group)),
+                "all_reduce", nbytes, lambda: box.append(_SumOverRanks.apply(tensor, self.group))
             )
             return box[0]
         out = tensor.detach().clone().contiguous()
@@ -206,6 +233,12 @@ def init_from_env(
     environment (a plain ``python script.py``) nothing is initialized and a one-process
     :class:`Communicator` is returned, so the same script runs both ways. An already
     initialized default group is reused.
+
+    Teardown: end with ``dist.barrier()`` and ``dist.destroy_process_group()`` on every
+    rank. Destroying the group joins gloo's worker threads while the interpreter is alive;
+    a worker thread still running at interpreter finalization may free a Python-owned
+    tensor there, and CPython < 3.14 ends such a thread with ``pthread_exit``, which aborts
+    the process ("terminate called without an active exception").
 
     Args:
         backend: ``"gloo"`` (CPU) or ``"nccl"`` (GPU); ``None``: NCCL when CUDA is

@@ -90,7 +90,7 @@ class ShardedLinearization(Linearization):
                 f"same trained weights on every rank."
             )
 
-    def _reduce(self, partial: Tensor) -> Tensor:
+    def sum_over_shards(self, partial: Tensor) -> Tensor:
         """All-reduce the parameter-space partial sum over the ranks' shards."""
         return self.comm.all_reduce(partial)
 

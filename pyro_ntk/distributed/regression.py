@@ -19,7 +19,6 @@ the same on every rank after one all-reduce, so the predictive mean at test poin
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -31,109 +30,14 @@ from pyro_ntk.distributed.preconditioner import (
     ShardedFisherPreconditioner,
 )
 from pyro_ntk.distributions import check_positive
-from pyro_ntk.solvers import SolverDiagnostics, conjugate_gradient
+from pyro_ntk.gp import add_noise, conditional_covariance, explained_covariance
+from pyro_ntk.solvers import (
+    SolverDiagnostics,
+    lanczos_quadrature,
+    solve_with_escalation,
+)
 
-__all__ = ["ShardedNTKRegression", "sharded_conjugate_gradient"]
-
-
-def sharded_conjugate_gradient(
-    A: Callable[[Tensor], Tensor],
-    B: Tensor,
-    *,
-    linearization: ShardedLinearization,
-    preconditioner: Callable[[Tensor], Tensor] | None = None,
-    **options,
-) -> tuple[Tensor, SolverDiagnostics]:
-    r""":func:`pyro_ntk.solvers.conjugate_gradient` on a row-sharded SPD system.
-
-    .. math:: \langle u, v \rangle = \textstyle\sum_r u_r^\top v_r \quad (\text{all-reduced})
-
-    Every rank passes its rows of ``B`` and a product ``A`` that returns its rows of the
-    global product; inner products and norms are all-reduced, so all ranks run the same
-    iterations and stop together.
-
-    Args:
-        A: ``V_r ↦ (A V)_r`` for this rank's rows ``(n_r, t)`` (a collective).
-        B: this rank's rows ``(n_r,)`` or ``(n_r, t)``.
-        linearization: the :class:`ShardedLinearization` whose communicator reduces.
-        preconditioner: ``R_r ↦ (M⁻¹ R)_r`` or ``None``.
-        **options: ``tol``, ``max_iter``, ``check_every``, ``x0``, ``warn``,
-            ``setup_seconds`` of :func:`~pyro_ntk.solvers.conjugate_gradient`.
-
-    Returns:
-        ``(X_r, diagnostics)``. Communication per iteration: the products' own, plus three
-        all-reduces of ``t`` numbers.
-
-    Example:
-        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-        >>> lin = ShardedLinearization(net.double())
-        >>> X = torch.randn(10, 2, dtype=torch.float64)
-        >>> b = torch.randn(10, dtype=torch.float64)
-        >>> x, d = sharded_conjugate_gradient(lambda V: lin.ntk_mvm(X, X, V) + V, b,
-        ...                                   linearization=lin, tol=1e-10)
-        >>> d.converged
-        True
-    """
-    if not isinstance(linearization, ShardedLinearization):
-        raise TypeError(
-            "sharded_conjugate_gradient: linearization must be a ShardedLinearization, got "
-            f"{type(linearization).__name__}."
-        )
-    return conjugate_gradient(
-        A, B, preconditioner=preconditioner, reduce=linearization.comm.all_reduce, **options
-    )
-
-
-def _lanczos_trace_log(
-    matmul: Callable[[Tensor], Tensor],
-    probes: Tensor,
-    reduce: Callable[[Tensor], Tensor],
-    max_steps: int,
-    tol: float,
-) -> tuple[Tensor, int]:
-    r"""Stochastic Lanczos quadrature of ``tr log B`` for SPD ``B`` on row-sharded probes.
-
-    .. math:: \operatorname{tr}\log B \approx \frac1t \sum_{i=1}^t \|g_i\|^2\,
-        e_1^\top \log(T_i)\, e_1
-
-    with ``T_i`` the Lanczos tridiagonal of ``B`` started at ``g_i / ‖g_i‖`` (full
-    reorthogonalization). Returns ``(estimate, steps)``.
-    """
-    norms2 = reduce(probes.square().sum(0))  # (t,)
-    Q = probes / norms2.sqrt()
-    basis = [Q]
-    alphas, betas = [], []
-    previous, beta = None, None
-    lengths = torch.zeros_like(norms2, dtype=torch.long)
-    active = torch.ones_like(norms2, dtype=torch.bool)
-    for step in range(max_steps):
-        W = matmul(Q)
-        a = reduce((Q * W).sum(0))
-        W = W - a * Q if previous is None else W - a * Q - beta * previous
-        stacked = torch.stack(basis)  # (j, n_r, t)
-        W = W - torch.einsum("kt,knt->nt", reduce(torch.einsum("knt,nt->kt", stacked, W)), stacked)
-        b = reduce(W.square().sum(0)).sqrt()
-        alphas.append(a)
-        lengths = lengths + active.long()
-        active = active & (b > tol * a.abs())
-        if not bool(active.any()) or step == max_steps - 1:
-            break
-        betas.append(b)
-        previous, beta = Q, b
-        Q = W / torch.where(b > 0, b, torch.ones_like(b))
-        basis.append(Q)
-    al, be = torch.stack(alphas), torch.stack(betas) if betas else None
-    total = torch.zeros((), dtype=probes.dtype, device=probes.device)
-    for i in range(probes.shape[1]):
-        L = int(lengths[i])
-        T = torch.diag(al[:L, i])
-        if L > 1:
-            off = be[: L - 1, i]
-            T = T + torch.diag(off, 1) + torch.diag(off, -1)
-        evals, evecs = torch.linalg.eigh(T)
-        tiny = torch.finfo(T.dtype).tiny
-        total = total + norms2[i] * (evecs[0].square() * evals.clamp_min(tiny).log()).sum()
-    return total / probes.shape[1], len(alphas)
+__all__ = ["ShardedNTKRegression"]
 
 
 class ShardedNTKRegression:
@@ -146,8 +50,11 @@ class ShardedNTKRegression:
         \Sigma_* = \sigma^2 K_{**} - \sigma^4 K_{*X} A^{-1} K_{X*}
 
     Each rank passes its shard ``X_r``, ``y_r`` (see :func:`~pyro_ntk.distributed.shard_rows`)
-    and the same network. Solves are preconditioned CG (``pyro_ntk.solvers``) with
-    all-reduced inner products and a :class:`ShardedFisherPreconditioner` built once.
+    and the same network. Solves are preconditioned CG with all-reduced inner products
+    (:func:`~pyro_ntk.solvers.solve_with_escalation`: an unconverged solve reruns with 4×
+    the iterations, then warns) and a :class:`ShardedFisherPreconditioner` built once; the
+    posterior covariance is :func:`pyro_ntk.gp.conditional_covariance` with an all-reduce,
+    the log-determinant a :func:`~pyro_ntk.solvers.lanczos_quadrature`.
 
     * :meth:`fit` (collective): ``α`` and the ``P``-vector ``w = diag(σ²) Jᵀα``.
     * :meth:`predict_mean` (local, no communication): ``m(X_*) + J(X_*) w`` at any
@@ -317,14 +224,17 @@ class ShardedNTKRegression:
         if self._preconditioner is not None:
             eig, c = self._eigenform()
             closure, setup = eig.solve_closure(c, self.diagonal), eig.setup_seconds
-        Z, diag = sharded_conjugate_gradient(
+        Z, diag = solve_with_escalation(
             self.matmul,
             B,
-            linearization=self.linearization,
             preconditioner=closure,
+            preconditioner_name=None if closure is None else "fisher",
+            preconditioner_rank=None if closure is None else self._preconditioner.rank,
             tol=self.cg_tolerance,
             max_iter=self.max_cg_iterations,
             setup_seconds=setup,
+            reduce=self.comm.all_reduce,
+            where="ShardedNTKRegression.solve",
         )
         self.last_solve = diag
         return Z, diag
@@ -399,23 +309,20 @@ class ShardedNTKRegression:
         cross = lin.local_ntk_dense(self.X, gathered, self.variance)  # σ² K(X_r, X_*)
         Z, _ = self.solve(cross)
         rows = slice(mine.start * O, mine.stop * O)
-        if full_cov:
-            explained = self.comm.all_reduce(cross.mT @ Z)[rows, rows]
-        else:
-            explained = self.comm.all_reduce((cross * Z).sum(0))[rows]
+        explained = explained_covariance(
+            cross, Z, full_cov=full_cov, reduce=self.comm.all_reduce, rows=rows
+        )
         if Xnew is None:
             return None
-        M = local.shape[0]
-        mean = self.predict_mean(local)
         if full_cov:
-            cov = lin.local_ntk_dense(local, None, self.variance) - explained
-            if not noiseless:
-                cov = cov + self.noise * torch.eye(M * O, dtype=cov.dtype, device=cov.device)
-            return mean, cov
-        var = (lin.ntk_diag(local, self.variance) - explained).clamp_min(0.0)
+            prior = lin.local_ntk_dense(local, None, self.variance)
+        else:
+            prior = lin.ntk_diag(local, self.variance)
+        cov = conditional_covariance(prior, explained, full_cov=full_cov)
+        mean = self.predict_mean(local)
         if not noiseless:
-            var = var + self.noise
-        return mean, self._shape(var, M)
+            cov = add_noise(cov, self.noise, full_cov=full_cov)
+        return mean, (cov if full_cov else self._shape(cov, local.shape[0]))
 
     def log_marginal_likelihood(
         self, *, num_probes: int = 16, max_lanczos_steps: int = 50, lanczos_tol: float = 1e-10
@@ -455,13 +362,16 @@ class ShardedNTKRegression:
         )
         n_local = self.X.shape[0] * self.num_outputs
         probes = torch.randn(n_local, num_probes, generator=gen, dtype=lin.dtype, device=lin.device)
-        trace_log, steps = _lanczos_trace_log(
+        nodes, weights, steps = lanczos_quadrature(
             lambda V: inv_sqrt(self.matmul(inv_sqrt(V))),
             probes,
-            reduce,
             max_lanczos_steps,
             lanczos_tol,
+            reduce=reduce,
         )
+        norms2 = reduce(probes.square().sum(0))  # ‖g_i‖², (t,)
+        tiny = torch.finfo(nodes.dtype).tiny
+        trace_log = (norms2 * (weights * nodes.clamp_min(tiny).log()).sum(-1)).sum() / num_probes
         self.last_lanczos_steps = steps
         logdet = eig.logdet(c, self.diagonal) + trace_log
         n = self.num_data * self.num_outputs

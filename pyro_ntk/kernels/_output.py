@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from pyro_ntk.linearization import Linearization
+from pyro_ntk.linearization import Linearization, as_linearization
 from pyro_ntk.parameters import ParamSelector
 
 PREFIX = "network."
@@ -82,7 +82,7 @@ def prefixed_selector(network: nn.Module, params: ParamSelector, where: str) -> 
 
 
 def output_linearization(
-    network: nn.Module,
+    network: nn.Module | Linearization,
     params: ParamSelector,
     output: int | None,
     chunk_size: int | None,
@@ -91,10 +91,17 @@ def output_linearization(
     """The :class:`~pyro_ntk.Linearization` of ``network`` (``output=None``) or of its output ``k``.
 
     A plain object, not an ``nn.Module``: it holds θ* as plain tensors, so a kernel that keeps
-    it as an attribute never takes the network into its own module tree.
+    it as an attribute never takes the network into its own module tree. A ``Linearization``
+    is used as it is (a kernel and a mean built from it share one θ* copy); narrowing one to a
+    single output needs the network itself.
     """
-    if output is None:
-        return Linearization(network, params, chunk_size=chunk_size)
+    if output is None or not isinstance(network, nn.Module):
+        if output is not None and isinstance(network, Linearization):
+            raise ValueError(
+                f"{where}: output={output} needs the nn.Module (a Linearization of all outputs "
+                "cannot be narrowed to one); pass the network, or output=None."
+            )
+        return as_linearization(where, network, params, chunk_size)
     target = SelectOutput(network, output, where)
     return Linearization(target, prefixed_selector(network, params, where), chunk_size=chunk_size)
 

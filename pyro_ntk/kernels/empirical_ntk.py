@@ -106,7 +106,8 @@ class EmpiricalNTK(Kernel):
     Every call returns a fresh contiguous tensor, which Pyro's models modify in place.
 
     Args:
-        network: the trained ``nn.Module`` (any input shape, output ``(N, O)`` or ``(N,)``).
+        network: the trained ``nn.Module`` (any input shape, output ``(N, O)`` or ``(N,)``),
+            or a :class:`~pyro_ntk.Linearization` to share its θ* copy (with ``output=None``).
         input_dim: number of input features of 2-D ``X``, as in Pyro's kernels; ``None``:
             ``len(active_dims)``, or inferred from a leading ``nn.Linear`` (then no input
             slicing happens), or ``None`` for other networks (images).
@@ -135,7 +136,7 @@ class EmpiricalNTK(Kernel):
 
     def __init__(
         self,
-        network: nn.Module,
+        network: nn.Module | Linearization,
         input_dim: int | None = None,
         variance: Tensor | float | None = None,
         layer_variances: bool = False,
@@ -145,15 +146,12 @@ class EmpiricalNTK(Kernel):
         chunk_size: int | None = None,
     ):
         where = "EmpiricalNTK"
-        if not isinstance(network, nn.Module):
-            raise TypeError(
-                f"{where}: network must be a torch.nn.Module, got {type(network).__name__}."
-            )
         output = check_output(where, output)
         slicing = input_dim is not None or active_dims is not None
         if input_dim is None and active_dims is not None:
             input_dim = len(active_dims)
-        inferred = input_dim if input_dim is not None else infer_input_dim(network)
+        lin = output_linearization(network, params, output, chunk_size, where)
+        inferred = input_dim if input_dim is not None else infer_input_dim(lin.network)
         super().__init__(inferred if inferred is not None else 0, active_dims)
         if inferred is None:
             self.input_dim, self.active_dims = None, None
@@ -161,7 +159,7 @@ class EmpiricalNTK(Kernel):
         self.output = output
 
         # a plain object outside this kernel's module tree (so is the network)
-        self._lin = output_linearization(network, params, self.output, chunk_size, where)
+        self._lin = lin
         self.layer_variances = layer_variances
         self.variance = PyroParam(
             initial_variance(

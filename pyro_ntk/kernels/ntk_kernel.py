@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from pyro_ntk.kernels._output import check_output, output_linearization, unprefixed_group
 from pyro_ntk.kernels.empirical_ntk import initial_variance
 from pyro_ntk.linearization import Linearization
-from pyro_ntk.operators import NTKLinearOperator, convert_linearization
+from pyro_ntk.operators import NTKLinearOperator
 from pyro_ntk.parameters import ParamSelector
 
 
@@ -61,7 +61,8 @@ class NTKKernel(Kernel):
     network.
 
     Args:
-        network: the trained ``nn.Module``.
+        network: the trained ``nn.Module``, or a :class:`~pyro_ntk.Linearization` to share
+            its θ* copy (with ``output=None``).
         params: which parameters to linearize (names, a predicate ``(name, p) -> bool`` or
             ``None`` for all with ``requires_grad``).
         variance: initial σ² > 0 (default 1): a scalar, or ``(G,)`` with
@@ -90,7 +91,7 @@ class NTKKernel(Kernel):
 
     def __init__(
         self,
-        network: nn.Module,
+        network: nn.Module | Linearization,
         params: ParamSelector = None,
         variance: Tensor | float | None = None,
         variance_constraint: Interval | None = None,
@@ -102,9 +103,10 @@ class NTKKernel(Kernel):
         **kwargs,
     ):
         where = "NTKKernel"
-        if not isinstance(network, nn.Module):
+        if not isinstance(network, (nn.Module, Linearization)):
             raise TypeError(
-                f"{where}: network must be a torch.nn.Module, got {type(network).__name__}."
+                f"{where}: network must be a torch.nn.Module or a pyro_ntk.Linearization, got "
+                f"{type(network).__name__}."
             )
         super().__init__(**kwargs)
         self.output = check_output(where, output)
@@ -172,7 +174,7 @@ class NTKKernel(Kernel):
         out = super()._apply(fn, *args, **kwargs)
         p = self.raw_variance
         if p.dtype != self._lin.dtype or p.device != self._lin.device:
-            self._lin = convert_linearization(self._lin, dtype=p.dtype, device=p.device)
+            self._lin = self._lin.to(p.dtype, p.device)
         return out
 
     # ------------------------------------------------------------------ the kernel

@@ -30,9 +30,9 @@ import torch
 from torch import Tensor, nn
 
 from pyro_ntk.kernels import EmpiricalNTK
+from pyro_ntk.likelihoods import check_targets
 from pyro_ntk.linearization import Linearization
 from pyro_ntk.means import NetworkMean
-from pyro_ntk.models._likelihoods import check_targets
 
 __all__ = ["gp_class_probabilities", "ntk_gp_classifier"]
 

@@ -122,7 +122,7 @@ class LinearizedModel(PyroModule):
         self.site_name = name
         self.layer_variances = bool(layer_variances)
         self.register_buffer(
-            "variance", _check_variance(where, variance, linearization, layer_variances)
+            "variance", check_variance(where, variance, linearization, layer_variances)
         )
         self._cache: tuple[Tensor, int, Tensor] | None = None
 
@@ -202,7 +202,7 @@ class LinearizedModel(PyroModule):
         )
 
 
-def _check_variance(
+def check_variance(
     where: str,
     variance: object,
     lin: Linearization,
@@ -211,7 +211,8 @@ def _check_variance(
 ) -> Tensor:
     """A positive scalar, or ``(G,)`` per-layer variances, as a tensor in the network's dtype.
 
-    ``name`` is the argument's name in messages (``"noise"`` for a noise variance).
+    Shared by :class:`LinearizedModel` and :class:`~pyro_ntk.LinearizedLaplace`. ``name`` is
+    the argument's name in messages (``"noise"`` for a noise variance).
     """
     G = len(lin.groups)
     if isinstance(variance, bool) or not isinstance(variance, (int, float, Tensor)):

@@ -23,14 +23,11 @@ from pyro.nn.module import PyroParam
 from torch import Tensor, nn
 
 from pyro_ntk._checks import check_choice, check_finite, check_positive_int, check_tensor
-from pyro_ntk.distributions import (
-    LinearizedNetwork,
-    check_jitter,
-    check_positive,
-)
+from pyro_ntk.distributions import LinearizedNetwork, check_jitter, check_positive
+from pyro_ntk.gp import NTKSystem, add_noise
 from pyro_ntk.linearization import Linearization, as_linearization
-from pyro_ntk.ntk_system import NTKSystem
-from pyro_ntk.solvers import DEFAULT_MAX_CHOLESKY_SIZE, SolverDiagnostics
+from pyro_ntk.options import SolverOptions
+from pyro_ntk.solvers import SolverDiagnostics
 
 __all__ = ["NTKGPRegression"]
 
@@ -51,8 +48,9 @@ class NTKGPRegression(GPModel):
       layer with ``layer_variances=True``) are ``PyroParam``\ s with positive constraints,
       so :func:`pyro.contrib.gp.util.train` or plain ``SVI(model.model, model.guide, ...)``
       fit them by the marginal likelihood; they also accept ``PyroSample`` priors.
-    * ``solver="cholesky"``: the dense kernel is built once (per layer for layer
-      variances) and recombined at every step; exact; float64 recommended.
+    * ``solver="cholesky"`` (in ``options``, a :class:`~pyro_ntk.options.SolverOptions`):
+      the dense kernel is built once (per layer for layer variances) and recombined at
+      every step; exact; float64 recommended.
       ``solver="cg"``: matrix-free, ``linear_operator``'s preconditioned CG + stochastic
       Lanczos quadrature for the marginal likelihood, the preconditioner
       (``make_preconditioner``) built once and reused for every σ², s².
@@ -68,7 +66,7 @@ class NTKGPRegression(GPModel):
     * :attr:`last_solve` holds the iterations and relative residual of the latest solve. A
       CG solve that stops above ``cg_tolerance`` warns and escalates (4× the iterations, a
       4×-rank preconditioner, then dense Cholesky when it fits in memory;
-      :meth:`pyro_ntk.ntk_system.NTKSystem.solve`); ``last_solve.attempts`` lists the
+      :meth:`pyro_ntk.gp.NTKSystem.solve`); ``last_solve.attempts`` lists the
       steps. The CG-path marginal likelihood escalates the same way (``docs/numerics.rst``).
     * The network is never trained: it is not a submodule, only θ* copies are used.
 
@@ -80,17 +78,13 @@ class NTKGPRegression(GPModel):
         variance: initial σ² > 0: a scalar, or ``(G,)`` with ``layer_variances`` (default 1).
         layer_variances: one σ_g² per parameter group (layer) of the linearization.
         mean: ``"network"``, ``"zero"`` or a callable ``X -> (N,)`` / ``(N, O)``.
-        solver: ``"auto"``, ``"cholesky"`` or ``"cg"``.
-        preconditioner: ``"auto"``, ``"fisher"``, ``"nystrom"``, ``"pivoted_cholesky"`` or
-            ``None`` (CG path).
+        options: the solver choices, a :class:`~pyro_ntk.options.SolverOptions` (``solver``
+            ``"auto"`` / ``"cholesky"`` / ``"cg"``, ``preconditioner``, ``max_cholesky_size``,
+            ``cg_tolerance`` for solves and SLQ, ``max_cg_iterations``,
+            ``num_trace_samples``, ``preconditioner_rank``; ``None``: the defaults).
         jitter: ε ≥ 0 added to the diagonal.
         params: which parameters to linearize (see :class:`~pyro_ntk.Linearization`).
         chunk_size: inputs per chunk for the Jacobian products.
-        cg_tolerance: CG relative-residual tolerance (solves and SLQ).
-        max_cg_iterations: CG iteration cap.
-        num_trace_samples: SLQ probe vectors for the log-determinant.
-        preconditioner_rank: the preconditioner's rank.
-        max_cholesky_size: the ``"auto"`` threshold on ``N·O``.
         num_posterior_samples: pathwise draws for the CG-path predictive variances.
         posterior_seed: seed of those draws.
 
@@ -113,16 +107,10 @@ class NTKGPRegression(GPModel):
         variance: Tensor | float | None = None,
         layer_variances: bool = False,
         mean: str | Callable[[Tensor], Tensor] = "network",
-        solver: str = "auto",
-        preconditioner: str | None = "auto",
+        options: SolverOptions | None = None,
         jitter: float = 1e-6,
         params=None,
         chunk_size: int | None = None,
-        cg_tolerance: float = 1e-4,
-        max_cg_iterations: int = 1000,
-        num_trace_samples: int = 10,
-        preconditioner_rank: int = 100,
-        max_cholesky_size: int = DEFAULT_MAX_CHOLESKY_SIZE,
         num_posterior_samples: int = 512,
         posterior_seed: int = 0,
     ):
@@ -143,16 +131,7 @@ class NTKGPRegression(GPModel):
             where, "num_posterior_samples", num_posterior_samples
         )
         self.posterior_seed = int(posterior_seed)
-        self._system_options = dict(
-            solver=solver,
-            preconditioner=preconditioner,
-            max_cholesky_size=max_cholesky_size,
-            cg_tolerance=cg_tolerance,
-            max_cg_iterations=max_cg_iterations,
-            num_trace_samples=num_trace_samples,
-            preconditioner_rank=preconditioner_rank,
-            where=where,
-        )
+        self._options = options
         self.set_data(X, y)
 
         G = len(lin.groups)
@@ -204,7 +183,7 @@ class NTKGPRegression(GPModel):
             check_finite(where, "y", y)
         old = getattr(self, "_system", None)
         if old is None or old.X is not X:
-            self._system = NTKSystem(lin, X, **self._system_options)
+            self._system = NTKSystem(lin, X, self._options, where=where)
             self._mean_X = self._mean(X).detach()
         self.X = X
         self.y = y
@@ -291,52 +270,19 @@ class NTKGPRegression(GPModel):
         where = "NTKGPRegression.forward"
         if self.y is None:
             raise ValueError(f"{where}: no training targets; call set_data(X, y) first.")
-        lin = self.linearization
-        Xnew = lin.check_inputs(where, "Xnew", Xnew)
+        Xnew = self.linearization.check_inputs(where, "Xnew", Xnew)
         self._check_Xnew_shape(Xnew)
         self.set_mode("guide")
-        variance, noise = self.variance, self.noise
         sysm = self._system
         N, O, M = sysm.N, sysm.O, Xnew.shape[0]
-        d = noise + self.jitter
         r = (self.y.reshape(N, O) - self._mean_X).reshape(N * O, 1)
-        m_new = self._mean(Xnew).reshape(M * O)
-        if sysm.method == "cholesky":
-            A, L = sysm.dense_factor(variance, self.layer_variances, d)
-            Kxs = lin.ntk_dense(self.X, Xnew, variance=variance)  # (N·O, M·O)
-            alpha = torch.cholesky_solve(r, L)
-            mean = m_new + (Kxs.T @ alpha).squeeze(-1)
-            W = torch.linalg.solve_triangular(L, Kxs, upper=False)
-            sysm.record_cholesky(A, alpha, r)
-            if full_cov:
-                cov = lin.ntk_dense(Xnew, variance=variance) - W.T @ W
-            else:
-                var = (lin.ntk_diag(Xnew, variance=variance) - W.square().sum(0)).clamp_min(0.0)
-        else:
-            # no gradient through the CG iterations: the pathwise estimate is for prediction
-            variance, noise, d = variance.detach(), noise.detach(), d.detach()
-            S = self.num_posterior_samples
-            gen = torch.Generator(device=lin.device).manual_seed(self.posterior_seed)
-            opts = dict(dtype=lin.dtype, device=lin.device, generator=gen)
-            sd = variance.sqrt()
-            sd = sd[lin.space.group_index()] if self.layer_variances else sd
-            z = torch.randn(lin.num_params, S, **opts) * (sd if sd.dim() == 0 else sd[:, None])
-            prior = lin.jvp(torch.cat([self.X, Xnew]), z).reshape((N + M) * O, S)
-            eps = d.sqrt() * torch.randn(N * O, S, **opts)
-            rhs = torch.cat([r, -(prior[: N * O] + eps)], dim=1)  # (N·O, 1 + S)
-            sol = sysm.solve(rhs, variance, self.layer_variances, d)
-            KS = lin.ntk_mvm(Xnew, self.X, sol, variance=variance)  # (M·O, 1 + S)
-            mean = m_new + KS[:, 0]
-            dev = prior[N * O :] + KS[:, 1:]  # pathwise f_post − E f_post, (M·O, S)
-            if full_cov:
-                cov = dev @ dev.T / S
-            else:
-                var = dev.square().mean(1)
+        shift, cov = sysm.posterior(
+            Xnew, r, self.variance, self.layer_variances, self.noise + self.jitter,
+            full_cov=full_cov, num_samples=self.num_posterior_samples, seed=self.posterior_seed,
+        )  # fmt: skip
+        mean = self._mean(Xnew).reshape(M * O) + shift
+        if not noiseless:  # the CG route's estimate carries no hyperparameter gradient
+            noise = self.noise if sysm.method == "cholesky" else self.noise.detach()
+            cov = add_noise(cov, noise, full_cov=full_cov)
         shape = (M,) if self._squeeze else (M, O)
-        if full_cov:
-            if not noiseless:
-                cov = cov + noise * torch.eye(M * O, dtype=cov.dtype, device=cov.device)
-            return mean.reshape(shape), cov
-        if not noiseless:
-            var = var + noise
-        return mean.reshape(shape), var.reshape(shape)
+        return mean.reshape(shape), (cov if full_cov else cov.reshape(shape))

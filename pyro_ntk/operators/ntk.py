@@ -27,54 +27,21 @@ from linear_operator.utils.getitem import _is_noop_index
 from linear_operator.utils.memoize import cached
 from torch import Tensor
 
-from pyro_ntk._checks import check_finite, check_tensor
+from pyro_ntk._checks import check_tensor
 from pyro_ntk.linearization import Linearization, check_linearization
-from pyro_ntk.operators.jacobian import (
-    JacobianLinearOperator,
-    _as_data,
-    _example_index,
-    _flat_index,
-    _from_columns,
-    _move,
-    _RepeatedMatrixOperator,
-    _select_examples,
-    _to_columns,
-    convert_linearization,
+from pyro_ntk.operators.base import (
+    RepeatedMatrixOperator,
+    as_data,
+    example_index,
+    flat_index,
+    from_columns,
+    move,
+    select_examples,
+    to_columns,
 )
+from pyro_ntk.operators.jacobian import JacobianLinearOperator
 
 __all__ = ["NTKLinearOperator"]
-
-
-def _check_variance(where: str, variance: object, lin: Linearization) -> Tensor:
-    """σ² as a tensor of shape ``()`` or ``(G,)`` in the network's dtype and device."""
-    G = lin.space.num_groups
-    if variance is None:
-        return torch.ones((), dtype=lin.dtype, device=lin.device)
-    if isinstance(variance, (int, float)) and not isinstance(variance, bool):
-        variance = torch.tensor(float(variance), dtype=lin.dtype, device=lin.device)
-    variance = check_tensor(where, "variance", variance)
-    if variance.dim() > 1 or (variance.dim() == 1 and variance.shape[0] != G):
-        raise ValueError(
-            f"{where}: variance has shape {tuple(variance.shape)}; expected a scalar or ({G},), "
-            f"one per parameter group {lin.groups}."
-        )
-    if variance.dtype != lin.dtype:
-        raise TypeError(
-            f"{where}: variance has dtype {variance.dtype}, but the network's parameters have "
-            f"dtype {lin.dtype}."
-        )
-    if variance.device != lin.device:
-        raise ValueError(
-            f"{where}: variance is on device {variance.device}, but the network's parameters "
-            f"are on {lin.device}."
-        )
-    check_finite(where, "variance", variance.detach())
-    if bool((variance.detach() < 0).any()):
-        raise ValueError(
-            f"{where}: variance must be non-negative (K must be positive semi-definite), got "
-            f"{variance.detach().tolist()}."
-        )
-    return variance
 
 
 def _same_inputs(X1: Tensor, X2: Tensor) -> bool:
@@ -88,7 +55,7 @@ def _same_inputs(X1: Tensor, X2: Tensor) -> bool:
     return bool(torch.equal(X1, X2))
 
 
-class NTKLinearOperator(_RepeatedMatrixOperator):
+class NTKLinearOperator(RepeatedMatrixOperator):
     r"""The empirical NTK :math:`K(X_1, X_2) = J(X_1)\,\mathrm{diag}(\sigma^2)\,J(X_2)^\top`.
 
     .. math::
@@ -119,7 +86,7 @@ class NTKLinearOperator(_RepeatedMatrixOperator):
     * ``to_dense()``: :meth:`pyro_ntk.Linearization.ntk_dense` (small problems).
 
     ``.double()``, ``.float()``, ``.to(...)`` build the operator over a converted copy of
-    the linearization (:func:`~pyro_ntk.operators.convert_linearization`); the user's
+    the linearization (:meth:`pyro_ntk.Linearization.to`); the user's
     network is never modified. The inputs are data: they are detached, no gradient
     flows to them.
 
@@ -134,6 +101,9 @@ class NTKLinearOperator(_RepeatedMatrixOperator):
             ``linear_operator`` when it broadcasts; rarely needed by hand). A right-hand
             side with batch dimensions ``(*batch, N2·O, C)`` needs none: its batch is
             folded into columns.
+        variance_checked: ``variance`` is already the tensor this operator normalized
+            (set by the operator itself and kept when ``linear_operator`` rebuilds it, so
+            products run no check and no host synchronization).
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
@@ -158,17 +128,21 @@ class NTKLinearOperator(_RepeatedMatrixOperator):
         *,
         linearization: Linearization,
         batch_shape: tuple[int, ...] = (),
+        variance_checked: bool = False,
     ):
         where = "NTKLinearOperator"
         lin = check_linearization(where, linearization)
-        X1 = _as_data(check_tensor(where, "X1", X1))
-        X2 = X1 if X2 is None else _as_data(check_tensor(where, "X2", X2))
+        X1 = as_data(check_tensor(where, "X1", X1))
+        X2 = X1 if X2 is None else as_data(check_tensor(where, "X2", X2))
         self.num_outputs = lin.output_dim(lin.check_inputs(where, "X1", X1))  # validates X1
         if X2 is not X1:
             lin.check_inputs(where, "X2", X2)  # validates X2 (and that it has the same outputs)
-        variance = _check_variance(where, variance, lin)
+        if not variance_checked:  # once, at the public entry (not when linear_operator rebuilds)
+            variance, _ = lin.space.normalize_variance(where, variance)
         batch_shape = torch.Size(batch_shape)
-        super().__init__(X1, X2, variance, linearization=lin, batch_shape=batch_shape)
+        super().__init__(
+            X1, X2, variance, linearization=lin, batch_shape=batch_shape, variance_checked=True
+        )
         self.X1, self.X2, self.variance, self.linearization = X1, X2, variance, lin
         self._batch = batch_shape
         # Symmetric iff the inputs are equal (decided once; survives clones/reconstructions).
@@ -194,7 +168,7 @@ class NTKLinearOperator(_RepeatedMatrixOperator):
             self.variance.requires_grad_(val)
 
     def _scale(self) -> Tensor:
-        """Per-parameter σ², shape ``(P,)``."""
+        """Per-parameter σ², shape ``(P,)`` (a gather: no check, no host synchronization)."""
         return self.linearization.space.expand_group_values(self.variance)
 
     def _transpose_nonbatch(self) -> LinearOperator:
@@ -210,17 +184,17 @@ class NTKLinearOperator(_RepeatedMatrixOperator):
 
     # -------------------------------------------------------------- products
     def _matmul(self, rhs: Tensor) -> Tensor:
-        cols, shape = _to_columns("NTKLinearOperator.matmul", rhs, self.shape[-1])
+        cols, shape = to_columns("NTKLinearOperator.matmul", rhs, self.shape[-1])
         X2 = None if self.symmetric else self.X2
-        out = self.linearization.ntk_mvm(self.X1, X2, cols, variance=self.variance)
-        return self._broadcast(_from_columns(out, shape))
+        out = self.linearization.ntk_mvm_unchecked(self.X1, X2, cols, self._scale())
+        return self._broadcast(from_columns(out, shape))
 
     def _t_matmul(self, rhs: Tensor) -> Tensor:
         if self.symmetric:
             return self._matmul(rhs)
-        cols, shape = _to_columns("NTKLinearOperator.t_matmul", rhs, self.shape[-2])
-        out = self.linearization.ntk_mvm(self.X2, self.X1, cols, variance=self.variance)
-        return self._broadcast(_from_columns(out, shape))
+        cols, shape = to_columns("NTKLinearOperator.t_matmul", rhs, self.shape[-2])
+        out = self.linearization.ntk_mvm_unchecked(self.X2, self.X1, cols, self._scale())
+        return self._broadcast(from_columns(out, shape))
 
     def _bilinear_derivative(self, left_vecs: Tensor, right_vecs: Tensor) -> tuple:
         r"""∂/∂σ² of ``Σ_c u_cᵀ K v_c``: per group, ``⟨J_gᵀ U, J_gᵀ V⟩`` (two VJPs, no JVP)."""
@@ -228,16 +202,16 @@ class NTKLinearOperator(_RepeatedMatrixOperator):
             return (None, None, None)
         lin, O = self.linearization, self.num_outputs
         N1, N2 = self.X1.shape[0], self.X2.shape[0]
-        U, _ = _to_columns("NTKLinearOperator", left_vecs, N1 * O)
-        V, _ = _to_columns("NTKLinearOperator", right_vecs, N2 * O)
+        U, _ = to_columns("NTKLinearOperator", left_vecs, N1 * O)
+        V, _ = to_columns("NTKLinearOperator", right_vecs, N2 * O)
         U, V = U.detach(), V.detach()
         with torch.no_grad():
             if self.symmetric:  # one VJP for both sides
-                both = lin.vjp(self.X1, torch.cat([U, V], -1).reshape(N1, O, -1))
+                both = lin.vjp_unchecked(self.X1, torch.cat([U, V], -1).reshape(N1, O, -1))
                 JU, JV = both.split([U.shape[-1], V.shape[-1]], dim=-1)
             else:
-                JU = lin.vjp(self.X1, U.reshape(N1, O, -1))
-                JV = lin.vjp(self.X2, V.reshape(N2, O, -1))
+                JU = lin.vjp_unchecked(self.X1, U.reshape(N1, O, -1))
+                JV = lin.vjp_unchecked(self.X2, V.reshape(N2, O, -1))
             per_param = (JU * JV).sum(-1)  # (P,)
             if self.variance.dim() == 0:
                 grad = per_param.sum()
@@ -258,11 +232,8 @@ class NTKLinearOperator(_RepeatedMatrixOperator):
             )
         # X1 ≠ X2 with N1 = N2: K[i, i] = J1[i] Σ J2[i]ᵀ, chunk by chunk of examples.
         scale = self._scale()
-        N = self.X1.shape[0]
-        step = lin.chunk_size or N
         parts = []
-        for start in range(0, N, step):
-            c = slice(start, min(start + step, N))
+        for c in lin.chunks(self.X1.shape[0]):
             J1, J2 = lin.jacobian(self.X1[c]), lin.jacobian(self.X2[c])
             parts.append((J1 * scale * J2).sum(-1).reshape(-1))
         return self._broadcast(torch.cat(parts))
@@ -289,9 +260,9 @@ class NTKLinearOperator(_RepeatedMatrixOperator):
         ex_a, loc_a = torch.unique(a // O, return_inverse=True)
         E = torch.zeros(ex_a.shape[0], O, a.shape[0], dtype=self.dtype, device=self.device)
         E[loc_a, a % O, torch.arange(a.shape[0], device=self.device)] = 1.0
-        W = lin.vjp(_select_examples(XA, ex_a), E) * self._scale().unsqueeze(-1)  # (P, len(a))
+        W = lin.vjp_unchecked(select_examples(XA, ex_a), E) * self._scale().unsqueeze(-1)
         ex_b, loc_b = torch.unique(b // O, return_inverse=True)
-        out = lin.jvp(_select_examples(XB, ex_b), W).reshape(ex_b.shape[0] * O, a.shape[0])
+        out = lin.jvp_unchecked(select_examples(XB, ex_b), W).reshape(ex_b.shape[0] * O, -1)
         return out[loc_b * O + b % O]
 
     def _block(self, rows: Tensor, cols: Tensor) -> Tensor:
@@ -313,14 +284,14 @@ class NTKLinearOperator(_RepeatedMatrixOperator):
         M, N = self._matrix_size()
         if not isinstance(row_index, Tensor) and not isinstance(col_index, Tensor):
             # Slices of whole examples stay lazy (e.g. train/test blocks of a joint kernel).
-            r, c = _example_index(row_index, M, O), _example_index(col_index, N, O)
+            r, c = example_index(row_index, M, O), example_index(col_index, N, O)
             if r is not None and c is not None:
                 X1, X2 = self.X1[r], self.X2[c]
                 if self.symmetric and r == c:
                     X2 = X1
                 return NTKLinearOperator(X1, X2, self.variance, linearization=self.linearization)
-        rows = _flat_index(row_index, M, self.device)
-        cols = _flat_index(col_index, N, self.device)
+        rows = flat_index(row_index, M, self.device)
+        cols = flat_index(col_index, N, self.device)
         return DenseLinearOperator(self._block(rows, cols))
 
     def _entries(self, rows: Tensor, cols: Tensor) -> Tensor:
@@ -380,10 +351,10 @@ class NTKLinearOperator(_RepeatedMatrixOperator):
 
     # -------------------------------------------------------------- conversion
     def _rebuild(self, dtype: torch.dtype, device: torch.device) -> LinearOperator:
-        lin = convert_linearization(self.linearization, dtype=dtype, device=device)
-        X1 = _move(self.X1, dtype, device)
-        X2 = X1 if self.X2 is self.X1 else _move(self.X2, dtype, device)
-        variance = _move(self.variance, dtype, device)
+        lin = self.linearization.to(dtype, device)
+        X1 = move(self.X1, dtype, device)
+        X2 = X1 if self.X2 is self.X1 else move(self.X2, dtype, device)
+        variance = move(self.variance, dtype, device)
         return NTKLinearOperator(X1, X2, variance, linearization=lin, batch_shape=self._batch)
 
     def __repr__(self) -> str:

@@ -1,7 +1,8 @@
 """Choosing a preconditioner by name, and the "no preconditioner" choice.
 
-``make_preconditioner(kind, ...)`` maps ``"auto"`` / ``"fisher"`` / ``"nystrom"`` /
-``"pivoted_cholesky"`` to their classes and ``None`` to :class:`IdentityPreconditioner`.
+``make_preconditioner(kind, ...)`` maps a :class:`~pyro_ntk.options.PreconditionerKind` (or its
+string) ``"auto"`` / ``"fisher"`` / ``"nystrom"`` / ``"pivoted_cholesky"`` to their classes
+and ``"none"`` (or ``None``) to :class:`IdentityPreconditioner`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from pyro_ntk.linearization import Linearization
+from pyro_ntk.options import PreconditionerKind as Kind
+from pyro_ntk.options import as_preconditioner
 from pyro_ntk.preconditioners.base import Preconditioner
 from pyro_ntk.preconditioners.fisher import FisherPreconditioner
 from pyro_ntk.preconditioners.nystrom import NystromPreconditioner
@@ -16,7 +19,8 @@ from pyro_ntk.preconditioners.pivoted_cholesky import PivotedCholeskyPreconditio
 
 __all__ = ["KINDS", "IdentityPreconditioner", "make_preconditioner"]
 
-KINDS = ("auto", "fisher", "nystrom", "pivoted_cholesky", None)
+KINDS = tuple(Kind)
+"""Every preconditioner choice, :class:`pyro_ntk.options.PreconditionerKind` (``None`` = ``"none"``)."""
 
 
 class IdentityPreconditioner:
@@ -45,7 +49,7 @@ class IdentityPreconditioner:
 
 
 def make_preconditioner(
-    kind: str | None,
+    kind: Kind | str | None,
     linearization: Linearization,
     X: Tensor,
     *,
@@ -63,7 +67,8 @@ def make_preconditioner(
     preconditioner.
 
     Args:
-        kind: ``"auto"``, ``"fisher"``, ``"nystrom"``, ``"pivoted_cholesky"`` or ``None``.
+        kind: a :class:`~pyro_ntk.options.PreconditionerKind` or its string: ``"auto"``,
+            ``"fisher"``, ``"nystrom"``, ``"pivoted_cholesky"``, ``"none"`` (or ``None``).
         linearization: the :class:`pyro_ntk.Linearization`.
         X: inputs ``(N, ...)``.
         rank: ``k``.
@@ -80,15 +85,13 @@ def make_preconditioner(
         >>> make_preconditioner("nystrom", lin, torch.randn(10, 2, dtype=torch.float64), rank=4).kind
         'nystrom'
     """
-    if kind is None:
+    kind = as_preconditioner("make_preconditioner", kind, "kind")
+    if kind == Kind.NONE:
         return IdentityPreconditioner()
-    if kind == "auto":
-        kind = "fisher"
     classes = {
-        "fisher": FisherPreconditioner,
-        "nystrom": NystromPreconditioner,
-        "pivoted_cholesky": PivotedCholeskyPreconditioner,
+        Kind.AUTO: FisherPreconditioner,
+        Kind.FISHER: FisherPreconditioner,
+        Kind.NYSTROM: NystromPreconditioner,
+        Kind.PIVOTED_CHOLESKY: PivotedCholeskyPreconditioner,
     }
-    if kind not in classes:
-        raise ValueError(f"make_preconditioner: kind must be one of {list(KINDS)}, got {kind!r}.")
     return classes[kind](linearization, X, rank=rank, seed=seed, **options)

@@ -27,8 +27,8 @@ orthonormal in parameter space (distinct layers have disjoint parameters), so th
 ``C`` satisfy ``C Cᵀ ≼ K``; a Rayleigh–Ritz step on the *exact* Fisher (``top_eigenpairs``)
 then keeps the best rank-``k`` part.
 
-Cost: the structured engine's factors (one forward pass and ``O`` backward passes, which the
-engine caches and reuses for every later product), then per layer
+Cost: the linearization's per-layer factors (:meth:`pyro_ntk.Linearization.layer_factors`:
+one forward pass and ``O`` backward passes, cached and reused by every later product), then per layer
 ``O(N·O·(d_in² + d_out² + d_in·d_out))`` for the projections and scores and ``N·O`` per
 candidate column, with no Jacobian products. Only layers that the structured engine factors
 at a single position (``nn.Linear`` on ``(N, d_in)`` inputs) take part; every other
@@ -42,7 +42,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pyro_ntk._engines import StructuredEngine
 from pyro_ntk.linearization import Linearization
 
 __all__ = ["KroneckerColumns", "kronecker_columns", "top_eigenpairs"]
@@ -74,8 +73,8 @@ def kronecker_columns(
     r"""The ``pool`` Kronecker eigen-directions with the largest Fisher Rayleigh quotients.
 
     Args:
-        linearization: the :class:`pyro_ntk.Linearization` (its engine must be the
-            structured one; otherwise ``None`` is returned).
+        linearization: the :class:`pyro_ntk.Linearization` (an engine without per-layer
+            factors gives ``None``).
         X: inputs ``(N, ...)``.
         sqrt_scale: ``S^{1/2}`` per parameter ``(P,)`` (``None``: ones); constant within
             each parameter tensor.
@@ -92,44 +91,37 @@ def kronecker_columns(
         >>> kc.columns.shape, bool(kc.covered.all())
         (torch.Size([30, 10]), True)
     """
-    engine = linearization.engine
-    if not isinstance(engine, StructuredEngine) or pool < 1:
+    if pool < 1:
         return None
-    X = linearization.check_inputs("kronecker_columns", "X", X)  # the preflight traces the layers
-    chunks = [X[c] for c in linearization._chunks(X.shape[0])]  # the engine's own row chunks
-    with linearization._eval_mode():
-        plan = engine.plan
-        factors = [engine._factors(Xc) for Xc in chunks]
-        if engine.plan is not plan:  # a chunk demoted a layer: the earlier ones predate it
-            factors = [engine._factors(Xc) for Xc in chunks]
-    layers = engine.plan.layers
-    usable = []
-    for i, layer in enumerate(layers):
-        ok = layer.kind == "linear" and all(
-            f.A[i] is not None and f.B[i] is not None and f.A[i].shape[1] == 1 for f in factors
-        )
-        if ok:
-            usable.append(i)
+    X = linearization.check_inputs("kronecker_columns", "X", X)
+    # the factors of each row chunk (None: the engine keeps no per-layer structure)
+    factored = linearization.layer_factors(X)
+    if factored is None:
+        return None
+    usable = [
+        layer
+        for layer in factored
+        if layer.kind == "linear" and all(A.shape[1] == 1 for A in layer.A)
+    ]
     if not usable:
         return None
-    O = factors[0].B[usable[0]].shape[1]
+    O = usable[0].B[0].shape[1]
     P = linearization.num_params
     covered = torch.zeros(P, dtype=torch.bool, device=linearization.device)
     scored = []  # per layer: (scores (d_out, d_a), pa chunks, pb chunks)
-    for i in usable:
-        layer = layers[i]
-        sw, sb = _scale_of(sqrt_scale, layer.w_slice), _scale_of(sqrt_scale, layer.b_slice)
-        for sl in (layer.w_slice, layer.b_slice):
+    for layer in usable:
+        sw, sb = _scale_of(sqrt_scale, layer.weight), _scale_of(sqrt_scale, layer.bias)
+        for sl in (layer.weight, layer.bias):
             if sl is not None:
                 covered[sl] = True
         a_parts, b_parts = [], []
-        for f in factors:
-            A = f.A[i].reshape(f.A[i].shape[0], -1)  # (n, d_in)
+        for A, B in zip(layer.A, layer.B):
+            A = A.reshape(A.shape[0], -1)  # (n, d_in)
             cols = [A * sw] if layer.weight is not None else []
             if layer.bias is not None:
                 cols.append(A.new_full((A.shape[0], 1), 1.0) * sb)
             a_parts.append(torch.cat(cols, 1))  # Ã = [σ_W A, σ_b], (n, d_a)
-            b_parts.append(f.B[i].reshape(-1, f.B[i].shape[-1]))  # (n·O, d_out)
+            b_parts.append(B.reshape(-1, B.shape[-1]))  # (n·O, d_out)
         gram_a = sum(a.T @ a for a in a_parts)
         gram_b = sum(b.T @ b for b in b_parts)
         Wa = torch.linalg.eigh(gram_a).eigenvectors

@@ -11,24 +11,13 @@ import torch
 
 from pyro_ntk._checks import check_positive_int
 from pyro_ntk._memory import available_memory_bytes
+from pyro_ntk.options import DEFAULT_MAX_CHOLESKY_SIZE
 
 __all__ = [
     "CHOLESKY_MEMORY_FRACTION",
-    "DEFAULT_MAX_CHOLESKY_SIZE",
     "available_memory",
     "choose_solver",
 ]
-
-DEFAULT_MAX_CHOLESKY_SIZE = 4000
-"""``solver="auto"`` uses the dense Cholesky path while ``N·O`` is at most this (and fits).
-
-Measured with ``benchmarks/bench_solver.py`` (issue 8; trained 26-128-128-1 MLP, P = 20,097,
-float64, 2-core CPU): a full :class:`~pyro_ntk.NTKGPRegression` evaluation (log marginal
-likelihood, its gradient, posterior mean) costs the same on both paths at ``N·O = 4000`` when
-repeated (19.8 s each, loaded machine) and dense is 1.5× faster for the first one; dense is
-5–9× faster at 1000–2000 (first evaluation) and 4–5× slower at 8000. On an H100 the dense
-solve wins up to ``10⁴`` (``benchmarks/RESULTS.md``): raise ``max_cholesky_size`` there.
-"""
 
 CHOLESKY_MEMORY_FRACTION = 0.5
 """Share of the available memory the dense path may take for its kernel and factor."""
@@ -81,7 +70,7 @@ def choose_solver(
         dtype: floating dtype of the kernel.
         device: where the kernel would live (``None``: CPU).
         max_cholesky_size: the crossover ``n_max`` (see
-            :data:`~pyro_ntk.solvers.choice.DEFAULT_MAX_CHOLESKY_SIZE`).
+            :data:`~pyro_ntk.options.DEFAULT_MAX_CHOLESKY_SIZE`).
         memory_budget: bytes available; ``None`` reads :func:`available_memory` (when that
             is unknown too, only the size rule applies).
         memory_fraction: share of the budget the dense path may take, in ``(0, 1]``.

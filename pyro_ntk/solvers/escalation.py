@@ -1,11 +1,16 @@
-r"""Escalation of an unconverged CG solve: more iterations, a stronger preconditioner, Cholesky.
+r"""One escalation ladder for an unconverged iterative method: more iterations, a stronger preconditioner, Cholesky.
 
 .. math::
 
-    A X = B, \qquad \text{stop when } \max_j \|b_j - A x_j\| / \|b_j\| \le \mathrm{tol},
+    A X = B \ \text{(solves)} \quad\text{or}\quad
+    -\tfrac12\big(r^\top A^{-1} r + \log|A| + n \log 2\pi\big) \ \text{(log-densities)},
+    \qquad \text{stop when } \max_j \|b_j - A x_j\| / \|b_j\| \le \mathrm{tol},
 
-each step run only when the previous one ended above the tolerance, warm-started from the
-best iterate so far, and recorded as a :class:`~pyro_ntk.solvers.SolveAttempt`.
+each step run only when the previous one ended above the tolerance and recorded as a
+:class:`~pyro_ntk.solvers.SolveAttempt`. :func:`escalate` is the ladder, parameterised by
+an *attempt* function (one run of the iterative method at a given preconditioner and
+iteration cap); :func:`solve_with_escalation` is its CG-solve kind, and the mBCG
+log-density of :mod:`pyro_ntk.gp.log_density` its other kind.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import math
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from linear_operator.utils.warnings import NumericalWarning
@@ -23,13 +30,259 @@ from pyro_ntk._checks import check_positive_int
 from pyro_ntk.solvers.cg import MatmulLike, _as_matmul, conjugate_gradient
 from pyro_ntk.solvers.diagnostics import SolveAttempt, SolverDiagnostics
 
-__all__ = ["ESCALATION_ITERATION_FACTOR", "solve_with_escalation"]
+__all__ = [
+    "ESCALATION_ITERATION_FACTOR",
+    "AttemptResult",
+    "EscalationText",
+    "Rung",
+    "escalate",
+    "solve_with_escalation",
+]
 
 
 ESCALATION_ITERATION_FACTOR = 4
-""":func:`solve_with_escalation` reruns an unconverged CG with this many times ``max_iter``."""
+""":func:`escalate` reruns an unconverged attempt with this many times ``max_iter``."""
 
-StrongerPreconditioner = Callable[[], "tuple[MatmulLike, str | None, int | None] | None"]
+
+@dataclass
+class Rung:
+    """One step of the ladder, as handed to the attempt function.
+
+    Attributes:
+        step: ``"initial"``, ``"more_iterations"`` or ``"stronger_preconditioner"``.
+        preconditioner: whatever the attempt function applies (a closure, an object, ``None``).
+        name: the preconditioner's name, for the record.
+        rank: its rank, for the record.
+        max_iter: the iteration cap of this step.
+        setup_seconds: its build time (for the record).
+    """
+
+    step: str
+    preconditioner: Any
+    name: str | None
+    rank: int | None
+    max_iter: int
+    setup_seconds: float = 0.0
+
+
+@dataclass
+class AttemptResult:
+    """What one attempt returned: its value and figures.
+
+    ``relative_residual`` may be NaN when the method does not report it on convergence.
+    """
+
+    value: Any
+    method: str
+    iterations: int
+    relative_residual: float
+    converged: bool
+    seconds: float
+    matvecs: int = 0
+    residual_history: list[float] = field(default_factory=list)
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class EscalationText:
+    """The words of the two warnings of one attempt kind.
+
+    Attributes:
+        noun: what is escalated (``"solve"``, ``"log-density"``).
+        method: the first attempt's method in prose (``"CG"``).
+        fallback: the last step in prose (``"a dense Cholesky solve"``).
+        result: what is returned when no step converged (``"iterate"``, ``"estimate"``).
+        dense_outcome: added when the dense step's result is returned.
+    """
+
+    noun: str
+    method: str
+    fallback: str
+    result: str
+    dense_outcome: str = ""
+
+
+CG_SOLVE = EscalationText("solve", "CG", "a dense Cholesky solve", "iterate")
+
+
+def _residual_text(rel: float) -> str:
+    return "not reported" if math.isnan(rel) else f"{rel:.3e}"
+
+
+def escalate(
+    attempt: Callable[[Rung, Any], AttemptResult],
+    *,
+    preconditioner: Any = None,
+    preconditioner_name: str | None = None,
+    preconditioner_rank: int | None = None,
+    stronger: Callable[[], tuple[Any, str | None, int | None] | None] | None = None,
+    dense: Callable[[], tuple[Any, float]] | None = None,
+    tol: float,
+    max_iter: int,
+    num_rhs: int,
+    iteration_factor: int = ESCALATION_ITERATION_FACTOR,
+    setup_seconds: float = 0.0,
+    finite: Callable[[Any], bool] = lambda value: bool(torch.isfinite(value).all()),
+    text: EscalationText = CG_SOLVE,
+    warn: bool = True,
+    where: str = "escalate",
+) -> tuple[Any, SolverDiagnostics]:
+    r"""Run ``attempt`` up a ladder until one step reaches the tolerance.
+
+    Steps, each run only if every previous one ended above ``tol``:
+
+    1. ``"initial"``: ``attempt(Rung("initial", preconditioner, ..., max_iter), None)``.
+    2. ``"more_iterations"``: the same preconditioner, ``iteration_factor × max_iter``.
+    3. ``"stronger_preconditioner"``: ``stronger()`` builds one (``(preconditioner, name,
+       rank)``), ``iteration_factor × max_iter``; recorded as skipped when it returns
+       ``None``, left out when ``stronger`` is ``None``.
+    4. ``"cholesky"``: ``dense()`` returns ``(value, relative residual)`` of an exact dense
+       computation; a ``ValueError`` or ``MemoryError`` (the memory guard's refusal, a
+       matrix not positive definite even with the capped jitter) is recorded as a failed
+       step. Left out when ``dense`` is ``None``.
+
+    The second argument of ``attempt`` is the best value so far (a warm start, or ``None``).
+    The result is a converged step's value, else the one with the smallest finite relative
+    residual among finite values. Warnings (:class:`~linear_operator.utils.warnings.
+    NumericalWarning`, unless ``warn=False``): one when the first step stops unconverged
+    (its iterations and residual, and that it escalates), and one at the end of an
+    escalation with every attempt's figures and the outcome.
+
+    Args:
+        attempt: ``(rung, warm) -> AttemptResult``, one run of the iterative method.
+        preconditioner: the first two steps' preconditioner (as ``attempt`` consumes it).
+        preconditioner_name: its name, for the record.
+        preconditioner_rank: its rank, for the record.
+        stronger: ``() -> (preconditioner, name, rank)`` or ``None``.
+        dense: ``() -> (value, relative residual)``.
+        tol: the target relative residual.
+        max_iter: the first step's iteration cap.
+        num_rhs: right-hand sides (columns), for the record.
+        iteration_factor: the later steps' cap is ``iteration_factor × max_iter``.
+        setup_seconds: the first preconditioner's build time.
+        finite: whether a value is usable (default: a tensor with finite entries).
+        text: the warnings' words for this kind of attempt.
+        warn: emit the warnings above.
+        where: the calling entry point, first in every message.
+
+    Returns:
+        ``(value, diagnostics)``; ``diagnostics.attempts`` lists every step, and its other
+        fields describe the whole run (the returned step's method and residual; iterations,
+        products and times summed).
+    """
+    check_positive_int(where, "iteration_factor", iteration_factor)
+    attempts: list[SolveAttempt] = []
+    history: list[float] = []
+    totals = {"iterations": 0, "matvecs": 0, "setup": 0.0, "seconds": 0.0}
+    best: dict = {"value": None, "rel": math.inf, "method": "cg", "converged": False}
+
+    def keep(value: Any, rec: SolveAttempt) -> None:
+        attempts.append(rec)
+        rel = rec.relative_residual
+        if best["converged"] or not finite(value):
+            return
+        if rec.converged or (math.isfinite(rel) and rel < best["rel"]):
+            best.update(value=value, rel=rel, method=rec.method, converged=rec.converged)
+
+    def run(rung: Rung) -> AttemptResult:
+        out = attempt(rung, best["value"])
+        totals["iterations"] += out.iterations
+        totals["matvecs"] += out.matvecs
+        totals["setup"] += rung.setup_seconds
+        totals["seconds"] += out.seconds
+        history.extend(out.residual_history)
+        rec = SolveAttempt(
+            rung.step, out.method, rung.name, rung.rank, rung.max_iter, out.iterations,
+            out.relative_residual, out.converged, out.seconds, out.note,
+        )  # fmt: skip
+        keep(out.value, rec)
+        return out
+
+    first = run(
+        Rung("initial", preconditioner, preconditioner_name, preconditioner_rank, max_iter,
+             setup_seconds)
+    )  # fmt: skip
+    if not best["converged"] and warn:
+        warnings.warn(
+            f"{where}: {text.method} stopped unconverged after {first.iterations} iterations "
+            f"(max_iter {max_iter}) with relative residual "
+            f"{_residual_text(first.relative_residual)} > tol {tol:.1e} ({num_rhs} column(s)); "
+            f"escalating: {iteration_factor}× the iterations, then a stronger preconditioner, "
+            f"then {text.fallback} where the memory allows.",
+            NumericalWarning,
+            stacklevel=3,
+        )
+    cap = iteration_factor * max_iter
+    if not best["converged"]:
+        run(Rung("more_iterations", preconditioner, preconditioner_name, preconditioner_rank, cap))
+    if not best["converged"] and stronger is not None:
+        start = time.perf_counter()
+        built = stronger()
+        build_seconds = time.perf_counter() - start
+        if built is None:
+            attempts.append(
+                SolveAttempt(
+                    "stronger_preconditioner", attempts[-1].method, preconditioner_name,
+                    preconditioner_rank, 0, 0, math.inf, False,
+                    note="skipped: no stronger preconditioner (the rank is already n)",
+                )
+            )  # fmt: skip
+        else:
+            pre, name, rank = built
+            run(Rung("stronger_preconditioner", pre, name, rank, cap, build_seconds))
+    if not best["converged"] and dense is not None:
+        start = time.perf_counter()
+        note, value, rel = "", None, math.inf
+        try:
+            value, rel = dense()
+        except (ValueError, MemoryError) as exc:
+            note = f"failed: {exc}"
+        seconds = time.perf_counter() - start
+        totals["seconds"] += seconds
+        rec = SolveAttempt("cholesky", "cholesky", None, None, 0, 0, rel, rel <= tol, seconds, note)
+        if value is None:
+            attempts.append(rec)
+        else:
+            keep(value, rec)
+    if best["value"] is None:  # every attempt produced NaN/Inf: nothing sound to return
+        raise ValueError(
+            f"{where}: every attempt produced non-finite values; attempts: "
+            + "; ".join(str(a) for a in attempts)
+            + ". Check the operator, the right-hand side, the variance and the noise."
+        )
+    diag = SolverDiagnostics(
+        method=best["method"],
+        iterations=totals["iterations"],
+        relative_residual=best["rel"],
+        converged=best["converged"],
+        tol=float(tol),
+        matvecs=totals["matvecs"],
+        num_rhs=num_rhs,
+        setup_seconds=totals["setup"],
+        solve_seconds=totals["seconds"] - totals["setup"],
+        residual_history=history,
+        attempts=attempts,
+    )
+    if warn and len(attempts) > 1:
+        rel = _residual_text(diag.relative_residual)
+        if diag.converged:
+            outcome = f"reached tol {tol:.1e} with {diag.method} (relative residual {rel})"
+            if diag.method == "cholesky" and text.dense_outcome:
+                outcome += f", {text.dense_outcome}"
+        else:
+            outcome = (
+                f"did NOT reach tol {tol:.1e}: returning the best {text.result} ({diag.method}) "
+                f"with relative residual {rel}. Use a larger noise or jitter, float64, a higher "
+                "preconditioner rank, or more iterations"
+            )
+        warnings.warn(
+            f"{where}: escalated {text.noun} {outcome}. Attempts: "
+            + "; ".join(str(a) for a in attempts)
+            + ".",
+            NumericalWarning,
+            stacklevel=3,
+        )
+    return best["value"], diag
 
 
 def _column_residual(matmul: MatmulLike, X: Tensor, B: Tensor) -> float:
@@ -48,7 +301,7 @@ def solve_with_escalation(
     preconditioner: MatmulLike | None = None,
     preconditioner_name: str | None = None,
     preconditioner_rank: int | None = None,
-    stronger: StrongerPreconditioner | None = None,
+    stronger: Callable[[], tuple[MatmulLike, str | None, int | None] | None] | None = None,
     dense: Callable[[], Tensor] | None = None,
     tol: float = 1e-4,
     max_iter: int = 1000,
@@ -61,31 +314,12 @@ def solve_with_escalation(
 ) -> tuple[Tensor, SolverDiagnostics]:
     r"""Solve ``A X = B`` by preconditioned CG; if it stops unconverged, escalate.
 
-    .. math::
+    .. math:: \text{stop when } \max_j \|b_j - A x_j\| / \|b_j\| \le \mathrm{tol}
 
-        \text{stop when } \max_j \|b_j - A x_j\| / \|b_j\| \le \mathrm{tol}
-
-    Steps, each run only if the previous one ended above ``tol``, each warm-started from
-    the best iterate so far:
-
-    1. ``"initial"``: :func:`conjugate_gradient` with ``preconditioner``, ``max_iter``.
-    2. ``"more_iterations"``: the same preconditioner, ``iteration_factor × max_iter``
-       iterations (default 4×).
-    3. ``"stronger_preconditioner"``: ``stronger()`` builds one (e.g. 4× the rank, or the
-       Fisher preconditioner instead of none), ``iteration_factor × max_iter`` iterations;
-       skipped when ``stronger`` is ``None`` or returns ``None``.
-    4. ``"cholesky"``: ``dense()``, an exact dense solve (e.g.
-       :func:`cholesky_with_jitter`); its residual is recomputed with one product with
-       ``A``. A ``ValueError`` or ``MemoryError`` from it (the memory guard's refusal, a
-       matrix not positive definite even with the capped jitter) is recorded and the step
-       counts as failed. Skipped when ``dense`` is ``None``.
-
-    The result is the attempt with the smallest relative residual. Warnings
-    (:class:`~linear_operator.utils.warnings.NumericalWarning`, unless ``warn=False``): one
-    when the first CG stops unconverged (its iterations and residual, and that it
-    escalates), and one at the end of an escalation with every attempt's figures, stating
-    whether the tolerance was reached and, if not, the residual of the returned iterate.
-    Every attempt is recorded in :attr:`SolverDiagnostics.attempts`.
+    The CG-solve kind of :func:`escalate`: every step is :func:`conjugate_gradient`
+    warm-started from the best iterate so far; the ``"cholesky"`` step is ``dense()``, an
+    exact dense solve (e.g. :func:`cholesky_with_jitter`) whose residual is recomputed with
+    one product with ``A``.
 
     Args:
         A: SPD ``(n, n)``: a tensor, a ``LinearOperator`` or a callable ``X -> A X``.
@@ -100,9 +334,10 @@ def solve_with_escalation(
         check_every: iterations between host-side convergence checks.
         iteration_factor: the later CG steps' cap is ``iteration_factor × max_iter``.
         setup_seconds: the first preconditioner's set-up time, for the record.
-        warn: emit the warnings above.
+        warn: emit the warnings of :func:`escalate`.
         where: the calling entry point, first in every message.
-        **cg_options: passed on to every :func:`conjugate_gradient` call.
+        **cg_options: passed on to every :func:`conjugate_gradient` call (e.g. ``reduce``
+            for row-sharded systems).
 
     Returns:
         ``(X, diagnostics)`` with ``X`` of ``B``'s shape. Cost: a converged first step is
@@ -123,140 +358,37 @@ def solve_with_escalation(
     """
     matmul = _as_matmul(A, where)
     check_positive_int(where, "iteration_factor", iteration_factor)
-    attempts: list[SolveAttempt] = []
-    history: list[float] = []
-    totals = {"iterations": 0, "matvecs": 0, "setup": 0.0, "seconds": 0.0}
-    best: dict = {"X": None, "rel": math.inf, "method": "cg", "converged": False}
 
-    def keep(X: Tensor, attempt: SolveAttempt) -> None:
-        attempts.append(attempt)
-        rel = attempt.relative_residual
-        if math.isfinite(rel) and rel < best["rel"] and bool(torch.isfinite(X).all()):
-            best.update(X=X, rel=rel, method=attempt.method, converged=attempt.converged)
-
-    def run_cg(step, closure, name, rank, cap, setup) -> tuple[Tensor, SolverDiagnostics]:
+    def attempt(rung: Rung, warm: Tensor | None) -> AttemptResult:
         start = time.perf_counter()
         X, d = conjugate_gradient(
-            matmul,
-            B,
-            preconditioner=closure,
-            x0=best["X"],
-            tol=tol,
-            max_iter=cap,
-            check_every=check_every,
-            warn=False,
-            setup_seconds=setup,
-            **cg_options,
-        )
-        totals["iterations"] += d.iterations
-        totals["matvecs"] += d.matvecs
-        totals["setup"] += setup
-        totals["seconds"] += time.perf_counter() - start + setup
-        history.extend(d.residual_history)
-        keep(
-            X,
-            SolveAttempt(
-                step,
-                d.method,
-                name,
-                rank,
-                cap,
-                d.iterations,
-                d.relative_residual,
-                d.converged,
-                time.perf_counter() - start + setup,
-            ),
-        )
-        return X, d
+            matmul, B, preconditioner=rung.preconditioner, x0=warm, tol=tol,
+            max_iter=rung.max_iter, check_every=check_every, warn=False,
+            setup_seconds=rung.setup_seconds, **cg_options,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start + rung.setup_seconds
+        return AttemptResult(
+            X, d.method, d.iterations, d.relative_residual, d.converged, seconds, d.matvecs,
+            d.residual_history,
+        )  # fmt: skip
 
-    X0, first = run_cg(
-        "initial", preconditioner, preconditioner_name, preconditioner_rank, max_iter, setup_seconds
+    def exact() -> tuple[Tensor, float]:
+        X = dense()
+        return X, _column_residual(matmul, X, B)
+
+    return escalate(
+        attempt,
+        preconditioner=preconditioner,
+        preconditioner_name=preconditioner_name,
+        preconditioner_rank=preconditioner_rank,
+        stronger=stronger,
+        dense=None if dense is None else exact,
+        tol=tol,
+        max_iter=max_iter,
+        num_rhs=1 if B.dim() == 1 else B.shape[-1],
+        iteration_factor=iteration_factor,
+        setup_seconds=setup_seconds,
+        text=CG_SOLVE,
+        warn=warn,
+        where=where,
     )
-    if first.converged:
-        first.attempts = attempts
-        return X0, first
-    t = 1 if B.dim() == 1 else B.shape[-1]
-    if warn:
-        warnings.warn(
-            f"{where}: CG stopped unconverged after {first.iterations} iterations (max_iter "
-            f"{max_iter}) with relative residual {first.relative_residual:.3e} > tol {tol:.1e} "
-            f"({t} column(s)); escalating: {iteration_factor}× the iterations, then a stronger "
-            "preconditioner, then a dense Cholesky solve where the memory allows.",
-            NumericalWarning,
-            stacklevel=2,
-        )
-    cap = iteration_factor * max_iter
-    run_cg("more_iterations", preconditioner, preconditioner_name, preconditioner_rank, cap, 0.0)
-    if not best["converged"] and stronger is not None:
-        start = time.perf_counter()
-        built = stronger()
-        build_seconds = time.perf_counter() - start
-        if built is None:
-            attempts.append(
-                SolveAttempt(
-                    "stronger_preconditioner",
-                    "pcg",
-                    preconditioner_name,
-                    preconditioner_rank,
-                    0,
-                    0,
-                    math.inf,
-                    False,
-                    note="skipped: no stronger preconditioner (the rank is already n)",
-                )
-            )
-        else:
-            closure, name, rank = built
-            run_cg("stronger_preconditioner", closure, name, rank, cap, build_seconds)
-    if not best["converged"] and dense is not None:
-        start = time.perf_counter()
-        note, X, rel = "", None, math.inf
-        try:
-            X = dense()
-            rel = _column_residual(matmul, X, B)
-        except (ValueError, MemoryError) as exc:
-            note = f"failed: {exc}"
-        seconds = time.perf_counter() - start
-        totals["seconds"] += seconds
-        attempt = SolveAttempt(
-            "cholesky", "cholesky", None, None, 0, 0, rel, rel <= tol, seconds, note
-        )
-        if X is None:
-            attempts.append(attempt)
-        else:
-            keep(X, attempt)
-    if best["X"] is None:  # every attempt produced NaN/Inf: nothing sound to return
-        raise ValueError(
-            f"{where}: every solve attempt produced non-finite values; attempts: "
-            + "; ".join(str(a) for a in attempts)
-            + ". Check the operator, the right-hand side, the variance and the noise."
-        )
-    diag = SolverDiagnostics(
-        method=best["method"],
-        iterations=totals["iterations"],
-        relative_residual=best["rel"],
-        converged=best["converged"],
-        tol=float(tol),
-        matvecs=totals["matvecs"],
-        num_rhs=t,
-        setup_seconds=totals["setup"],
-        solve_seconds=totals["seconds"] - totals["setup"],
-        residual_history=history,
-        attempts=attempts,
-    )
-    if warn:
-        record = "; ".join(str(a) for a in attempts)
-        if diag.converged:
-            outcome = f"reached tol {tol:.1e} with {diag.method} (relative residual {diag.relative_residual:.3e})"
-        else:
-            outcome = (
-                f"did NOT reach tol {tol:.1e}: returning the best iterate ({diag.method}) with "
-                f"relative residual {diag.relative_residual:.3e}. Use a larger noise or jitter, "
-                "float64, a higher preconditioner rank, or more iterations"
-            )
-        warnings.warn(
-            f"{where}: escalated solve {outcome}. Attempts: {record}.",
-            NumericalWarning,
-            stacklevel=2,
-        )
-    return best["X"], diag

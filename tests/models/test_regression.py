@@ -15,6 +15,7 @@ from pyro.nn.module import PyroSample
 from torch import nn
 
 from pyro_ntk import LinearizedNetwork, NTKGPRegression
+from pyro_ntk.options import SolverOptions
 from pyro_ntk.testing import reference_ntk, reference_output
 
 
@@ -47,7 +48,13 @@ def test_posterior_equals_textbook(d_out, layer):
     variance = torch.tensor([0.5, 2.0]) if layer else torch.tensor(0.7)
     noise = torch.tensor(0.05)
     model = NTKGPRegression(
-        X, y, net, noise=noise, variance=variance, layer_variances=layer, solver="cholesky"
+        X,
+        y,
+        net,
+        noise=noise,
+        variance=variance,
+        layer_variances=layer,
+        options=SolverOptions(solver="cholesky"),
     )
     scale = group_scale(net, variance) if layer else variance
     mean_ref, cov_ref = textbook(net, X, y, Xs, scale, 0.05, 1e-6)
@@ -85,18 +92,17 @@ def test_cg_path_equals_cholesky_path(preconditioner):
     net = mlp(d_out=2)
     X, y, Xs = torch.randn(20, 2), torch.randn(20, 2), torch.randn(6, 2)
     kw = dict(noise=torch.tensor(0.05), variance=torch.tensor(0.8))
-    exact = NTKGPRegression(X, y, net, solver="cholesky", **kw)
+    exact = NTKGPRegression(X, y, net, **kw, options=SolverOptions(solver="cholesky"))
     S = 2000
     cg = NTKGPRegression(
         X,
         y,
         net,
-        solver="cg",
-        preconditioner=preconditioner,
-        cg_tolerance=1e-10,
-        max_cg_iterations=2000,
         num_posterior_samples=S,
         **kw,
+        options=SolverOptions(
+            solver="cg", preconditioner=preconditioner, cg_tolerance=1e-10, max_cg_iterations=2000
+        ),
     )
     assert cg.solver == "cg"
     m0, v0 = exact(Xs)
@@ -172,7 +178,7 @@ def test_svi_fits_layer_variances():
 def test_cg_model_trains():
     net = mlp()
     X, y = torch.randn(15, 2), torch.randn(15)
-    model = NTKGPRegression(X, y, net, noise=torch.tensor(0.5), solver="cg")
+    model = NTKGPRegression(X, y, net, noise=torch.tensor(0.5), options=SolverOptions(solver="cg"))
     losses = gp.util.train(model, num_steps=3)
     precond = model._system.preconditioner()
     assert precond is not None
@@ -221,7 +227,6 @@ def test_predictive_and_prior():
             lambda X, y, net: (X, y, net, dict(variance=torch.ones(3), layer_variances=True)),
             r"variance has shape \(3,\); expected \(2,\)",
         ),
-        (lambda X, y, net: (X, y, net, dict(solver="qr")), r"solver must be one of"),
     ],
 )
 def test_bad_input(make, match):
@@ -230,6 +235,15 @@ def test_bad_input(make, match):
     X_, y_, net_, kw = make(X, y, net)
     with pytest.raises(ValueError, match="NTKGPRegression: " + match):
         NTKGPRegression(X_, y_, net_, **kw)
+
+
+def test_bad_solver_options():
+    net = mlp(d_out=2)
+    X, y = torch.randn(8, 2), torch.randn(8, 2)
+    with pytest.raises(ValueError, match="SolverOptions: solver must be one of"):
+        NTKGPRegression(X, y, net, options=SolverOptions(solver="qr"))
+    with pytest.raises(TypeError, match="NTKGPRegression: options must be"):
+        NTKGPRegression(X, y, net, options=dict(solver="cg"))
 
 
 def test_bad_test_inputs():
@@ -249,13 +263,15 @@ def test_auto_solver_above_threshold_uses_fisher_cg():
     net = mlp()
     X, y, Xs = torch.randn(12, 2), torch.randn(12), torch.randn(4, 2)
     kw = dict(noise=torch.tensor(0.05), variance=torch.tensor(0.8))
-    big = NTKGPRegression(X, y, net, max_cholesky_size=11, cg_tolerance=1e-11, **kw)
+    big = NTKGPRegression(
+        X, y, net, **kw, options=SolverOptions(max_cholesky_size=11, cg_tolerance=1e-11)
+    )
     assert big.solver == "cg"
     assert isinstance(big._system.preconditioner(), FisherPreconditioner)
-    small = NTKGPRegression(X, y, net, max_cholesky_size=12, **kw)
+    small = NTKGPRegression(X, y, net, **kw, options=SolverOptions(max_cholesky_size=12))
     assert small.solver == "cholesky"
     rel_err = (big(Xs)[0] - small(Xs)[0]).norm() / small(Xs)[0].norm()
     assert rel_err <= 1e-7
     assert big.last_solve.method == "pcg"
-    none = NTKGPRegression(X, y, net, solver="cg", preconditioner=None, **kw)
+    none = NTKGPRegression(X, y, net, **kw, options=SolverOptions(solver="cg", preconditioner=None))
     assert isinstance(none._system.preconditioner(), IdentityPreconditioner)

@@ -12,7 +12,6 @@ from networks import CASE_IDS, CASES, assert_unchanged, snapshot
 from torch import nn
 
 from pyro_ntk import JacobianLinearOperator, Linearization
-from pyro_ntk.operators import convert_linearization
 from pyro_ntk.testing import reference_jacobian
 
 RTOL = 1e-8
@@ -164,7 +163,7 @@ def test_conversion_uses_theta_star_not_the_current_weights():
     expected = lin.jacobian(X)
     with torch.no_grad():
         net[0].weight.add_(1.0)  # the user keeps training after linearizing
-    converted = convert_linearization(lin, dtype=torch.float32)
+    converted = lin.to(torch.float32)
     torch.testing.assert_close(
         converted.jacobian(X.float()), expected.float(), rtol=1e-5, atol=1e-6
     )
@@ -185,7 +184,7 @@ def test_bad_input():
     with pytest.raises((ValueError, RuntimeError)):
         J @ torch.randn(J.shape[1] + 1, 2)
     with pytest.raises(TypeError, match="floating-point"):
-        convert_linearization(lin, dtype=torch.int64)
+        lin.to(torch.int64)
 
 
 def test_converted_copies_are_released_with_the_original():
@@ -194,7 +193,7 @@ def test_converted_copies_are_released_with_the_original():
 
     net, X = _small()
     lin = Linearization(net)
-    converted = weakref.ref(convert_linearization(lin, dtype=torch.float32))
+    converted = weakref.ref(lin.to(torch.float32))
     assert converted() is not None  # cached while the original lives
     del lin
     gc.collect()

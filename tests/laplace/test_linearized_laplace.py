@@ -10,7 +10,7 @@ import torch
 from networks import assert_unchanged, snapshot
 from torch import nn
 
-from pyro_ntk.models import LinearizedLaplace
+from pyro_ntk.laplace import LinearizedLaplace
 from pyro_ntk.testing import reference_jacobian, reference_output
 
 OUTPUTS = {"categorical": 3, "bernoulli": 1, "poisson": 1, "gaussian": 2}
@@ -59,7 +59,7 @@ def _make(likelihood, net, method, layer=True, **kw):
 def test_covariance_and_predictive_equal_dense_reference(likelihood, method):
     net, X, y = _problem(likelihood)
     before = snapshot(net)
-    la = _make(likelihood, net, method).fit(X, y)
+    la = _make(likelihood, net, method, chunk_size=5).fit(X, y)  # products in chunks of 5
     assert la.method_used == method
     J = reference_jacobian(net, X)  # (N, O, P)
     f_map = reference_output(net, X) + J @ la.delta
@@ -71,8 +71,8 @@ def test_covariance_and_predictive_equal_dense_reference(likelihood, method):
     Xs = torch.randn(5, 2)
     Js = reference_jacobian(net, Xs)
     cov = torch.einsum("nop,pq,nrq->nor", Js, Sigma, Js)
-    mean, full = la.predictive_f(Xs, full_cov=True, chunk_size=2)
-    mean2, diag = la.predictive_f(Xs, chunk_size=3)
+    mean, full = la.predictive_f(Xs, full_cov=True)
+    mean2, diag = la.predictive_f(Xs)
     torch.testing.assert_close(mean, reference_output(net, Xs) + Js @ la.delta)
     torch.testing.assert_close(mean2, mean)
     torch.testing.assert_close(full, cov, rtol=1e-7, atol=1e-10)
@@ -146,7 +146,7 @@ def test_slq_evidence_on_the_lanczos_route_matches_the_exact_logdet():
     net, X, y = _problem("categorical", n=8)
     dense = _make("categorical", net, "dense", layer=False).fit(X, y)
     slq = _make("categorical", net, "lanczos", layer=False, rank=5, slq_probes=400).fit(X, y)
-    theta, w = slq._slq
+    theta, w = slq._route.slq
     for variance in (None, torch.tensor(0.4)):  # the fitted σ² = 1.3, and a new scalar σ²
         c = 1.0 if variance is None else 0.4 / 1.3
         # per-probe estimates of log det(I + c S F S) and their standard error
@@ -190,7 +190,7 @@ def test_multiclass_probabilities_are_normalised():
     la = _make("categorical", net, "kernel").fit(X, y)
     Xs = torch.randn(7, 2)
     for method in ("probit", "mc"):
-        p = la.predict(Xs, method=method, num_samples=50, chunk_size=3)
+        p = la.predict(Xs, method=method, num_samples=50)
         assert p.shape == (7, 3)
         torch.testing.assert_close(p.sum(-1), torch.ones(7))
 
@@ -330,13 +330,16 @@ def _refit_evidence(net, X, y, variance, likelihood="categorical", m=None, tempe
 )
 def test_kernel_evidence_gradient_is_the_derivative_of_the_refitted_evidence(likelihood, T):
     """d/dσ² of the evidence *with δ* refitted* (finite differences of dense-route fits)."""
-    from pyro_ntk.models.laplace import _KernelMAP
+    from pyro_ntk.laplace.function_space import FunctionSpaceMAP
+    from pyro_ntk.laplace.route import LaplaceProblem
+    from pyro_ntk.likelihoods import get_likelihood
 
     net, X, y = _problem(likelihood, n=10)
     torch.manual_seed(1)
     m = 0.3 * torch.randn(sum(p.numel() for p in net.parameters()))
     la = _make(likelihood, net, "kernel", prior_mean=m).fit(X, y)
-    fs = _KernelMAP(la, X, y)
+    lik = get_likelihood("test", likelihood)
+    fs = FunctionSpaceMAP(LaplaceProblem(la.lin, lik, la.noise, la.prior_mean, X, y))
     var = torch.tensor([0.7, 1.8], requires_grad=True)
     ev = fs.evidence(var / T, fs.solve(var.detach() / T), temperature=T)
     torch.testing.assert_close(
@@ -387,7 +390,7 @@ def test_map_prediction_is_the_likelihood_mean_at_the_linearized_map(likelihood)
         likelihood, torch.exp
     )(mu)
     expected = expected if likelihood == "categorical" else expected[:, 0]
-    torch.testing.assert_close(la.predict(Xs, method="map", chunk_size=3), expected)
+    torch.testing.assert_close(la.predict(Xs, method="map"), expected)
     with pytest.raises(ValueError, match="'probit', 'mc' or 'map', got 'mode'"):
         la.predict(Xs, method="mode")
 
@@ -461,13 +464,13 @@ def test_kernel_refits_reuse_the_problem_only_while_the_data_are_unchanged():
     """Refits on equal data (a new T, σ² or a copy of X) match fresh fits; new data do not reuse."""
     net, X, y = _problem("categorical", n=10)
     la = _make("categorical", net, "kernel").fit(X, y)
-    problem = la._kernel_cache
+    problem = la._function_space
     for T, variance in ((0.1, None), (1.0, torch.tensor([0.2, 3.0]))):
         la.temperature = T
         if variance is not None:
             la.variance = variance
         la.fit(X.clone(), y.clone())  # equal values, new tensors: reused
-        assert la._kernel_cache is problem
+        assert la._function_space is problem
         fresh = _make("categorical", net, "kernel", temperature=T)
         fresh.variance = la.variance.clone()
         fresh.fit(X, y)
@@ -478,15 +481,15 @@ def test_kernel_refits_reuse_the_problem_only_while_the_data_are_unchanged():
     la.fit(X2, y2)
     X2[0, 0] += 1.0
     la.fit(X2, y2)
-    assert la._kernel_cache is not problem
+    assert la._function_space is not problem
     for change in ("y", "m", "subset"):
-        problem = la._kernel_cache
+        problem = la._function_space
         if change == "y":
             y2[0] = (y2[0] + 1) % 3
         elif change == "m":
             la.prior_mean = la.prior_mean + 0.1
         la.fit(X2[:8] if change == "subset" else X2, y2[:8] if change == "subset" else y2)
-        assert la._kernel_cache is not problem
+        assert la._function_space is not problem
         fresh = _make("categorical", net, "kernel", prior_mean=la.prior_mean)
         fresh.variance = la.variance.clone()
         fresh.fit(X2[:8] if change == "subset" else X2, y2[:8] if change == "subset" else y2)
@@ -511,7 +514,7 @@ def test_kernel_optimize_prior_maximises_the_refitted_tempered_normaliser():
 
 
 def test_block_diagonal_products_equal_the_dense_block_matrix():
-    from pyro_ntk.models._laplace_kernel import block_left, block_sandwich
+    from pyro_ntk.laplace.function_space import block_left, block_sandwich
 
     torch.manual_seed(0)
     N, O, k = 4, 3, 2

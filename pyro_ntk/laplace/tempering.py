@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from pyro_ntk._checks import check_positive_int, check_tensor
-from pyro_ntk.models.laplace import LinearizedLaplace
+from pyro_ntk.laplace.linearized import LinearizedLaplace
 
 __all__ = ["TEMPERATURES", "TemperatureCV", "cross_validate_temperature"]
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pyro_ntk import LinearizedLaplace, cross_validate_temperature
-from pyro_ntk.models.tempering import TEMPERATURES, TemperatureCV
+from pyro_ntk.laplace import TEMPERATURES, TemperatureCV
 
 TEMPS = (1.0, 0.25, 1e-3)
 

@@ -6,24 +6,20 @@ r"""The linearized Laplace's function-space route: exact MAP and evidence for sm
     a^* = \arg\max_a\; \log p(y \mid \mu_0 + K a) - \tfrac12 a^\top K a,
     \qquad K = J S^2 J^\top,
 
-solved by Newton's method on ``a`` (``N·O`` unknowns, never ``P``); used by
-:class:`~pyro_ntk.LinearizedLaplace` on its ``"kernel"`` route.
+solved by Newton's method on ``a`` (``N·O`` unknowns, never ``P``); used by the ``"kernel"``
+route of :class:`~pyro_ntk.LinearizedLaplace` (:mod:`pyro_ntk.laplace.kernel`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from pyro_ntk.models._likelihoods import _hessian_root, _likelihood_grad, _log_likelihood
+from pyro_ntk.laplace.route import LaplaceProblem
 
-if TYPE_CHECKING:
-    from pyro_ntk.models.laplace import LinearizedLaplace
-
-__all__: list[str] = []
+__all__ = ["FunctionSpaceMAP", "block_left", "block_sandwich"]
 
 
 def block_left(L: Tensor, Z: Tensor, transpose: bool = False) -> Tensor:
@@ -43,7 +39,7 @@ def block_sandwich(L: Tensor, K: Tensor) -> Tensor:
     return torch.einsum("...namd,mdb->...namb", LtK, L).reshape(K.shape)
 
 
-class _KernelMAP:
+class FunctionSpaceMAP:
     r"""The MAP and Laplace evidence of the linearized model in function space (small ``N·O``).
 
     By the representer theorem the MAP is ``δ* = m + S² Jᵀ a`` with ``f* = μ₀ + K a``,
@@ -55,33 +51,36 @@ class _KernelMAP:
         \qquad b = \Lambda K a + \nabla_f \log p(y \mid f),
 
     costs O((N·O)³) per step and never touches ``P``. The evidence
-    ``Ψ(a*) − ½ log det(I + Lᵀ K L)`` equals :meth:`LinearizedLaplace.log_marginal_likelihood`
+    ``Ψ(a*) − ½ log det(I + Lᵀ K L)`` equals :meth:`~pyro_ntk.LinearizedLaplace.log_marginal_likelihood`
     at the refitted δ*; :meth:`evidence` is differentiable in σ² *through* the refit (one
     Newton step from the converged ``a`` has the implicit derivative ``da*/dσ²``, since
     Newton's map is stationary at its fixed point).
     """
 
-    def __init__(self, la: LinearizedLaplace, X: Tensor, y: Tensor):
-        self.la, self.X, self.y = la, X.detach().clone(), y.clone()  # copies: see matches
-        self.m = la.prior_mean.detach().clone()
-        self.lin, self.versions = la.lin, la.lin.space.versions()
-        J = la.lin.jacobian(X)  # (N, O, P), dropped after the Grams: only (G, N·O, N·O) is kept
+    def __init__(self, problem: LaplaceProblem):
+        lin, X = problem.lin, problem.X
+        self.problem = problem._replace(X=X.detach().clone(), y=problem.y.clone())  # see matches
+        self.m = problem.prior_mean.detach().clone()
+        self.lin, self.versions = lin, lin.space.versions()
+        J = lin.jacobian(X)  # (N, O, P), dropped after the Grams: only (G, N·O, N·O) is kept
         self.shape = J.shape[:2]
-        self.grams = la.lin.space.group_grams(J.reshape(-1, J.shape[-1]).T)  # (G, N·O, N·O)
-        self.f0 = la.lin(X)
+        self.grams = lin.space.group_grams(J.reshape(-1, J.shape[-1]).T)  # (G, N·O, N·O)
+        self.f0 = lin(X)
         self.mu0 = self.f0 + (J.reshape(-1, J.shape[-1]) @ self.m).reshape(self.shape)
 
-    def matches(self, X: Tensor, y: Tensor) -> bool:
-        """Whether this is the problem of ``(X, y)`` at the Laplace's current ``m`` and θ*."""
-        la = self.la
+    def matches(self, problem: LaplaceProblem) -> bool:
+        """Whether this is ``problem``: the same X, y, prior mean m, linearization and θ*."""
+        mine = self.problem
         return (
-            self.lin is la.lin
-            and self.versions == la.lin.space.versions()
+            self.lin is problem.lin
+            and self.versions == problem.lin.space.versions()
             and all(
                 a.shape == b.shape and a.device == b.device and torch.equal(a, b)
-                for a, b in ((self.X, X), (self.y, y), (self.m, la.prior_mean))
+                for a, b in (
+                    (mine.X, problem.X), (mine.y, problem.y), (self.m, problem.prior_mean)
+                )
             )
-        )
+        )  # fmt: skip
 
     def log_variance_bounds(self) -> tuple[Tensor, Tensor]:
         """``log σ_g²`` bounds: prior logit variances between 1e-12 and 1e6 per group.
@@ -94,19 +93,22 @@ class _KernelMAP:
         return math.log(1e-12) - scale, math.log(1e6) - scale
 
     def kernel(self, var: Tensor) -> Tensor:
+        """``K = Σ_g σ_g² J_g J_gᵀ`` ``(N·O, N·O)`` at σ² = ``var``."""
         return torch.einsum("g,gab->ab", var.expand(self.grams.shape[0]), self.grams)
 
     def _psi(self, K: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
         f = self.mu0 + (K @ a).reshape(self.shape)
-        return _log_likelihood(self.la.likelihood, f, self.y, self.la.noise) - 0.5 * a @ K @ a, f
+        p = self.problem
+        return p.likelihood.log_prob(f, p.y, p.noise) - 0.5 * a @ K @ a, f
 
     def _root(self, f: Tensor) -> Tensor:
         """The blocks ``L_n`` ``(N, O, O)`` of ``Λ = L Lᵀ`` at the outputs ``f``."""
-        return _hessian_root(self.la.likelihood, f, self.la.noise)
+        return self.problem.likelihood.hessian_root(f, self.problem.noise)
 
     def _newton(self, K: Tensor, a: Tensor) -> Tensor:
         f = self.mu0 + (K @ a).reshape(self.shape)
-        g = _likelihood_grad(self.la.likelihood, f, self.y, self.la.noise).reshape(-1)
+        p = self.problem
+        g = p.likelihood.grad(f, p.y, p.noise).reshape(-1)
         L = self._root(f)
         A = torch.eye(len(a), dtype=a.dtype, device=a.device) + block_sandwich(L, K)
         C = torch.linalg.cholesky((A + A.T) / 2)
@@ -154,5 +156,5 @@ class _KernelMAP:
 
     def delta(self, var: Tensor, a: Tensor) -> Tensor:
         """δ* = m + S² Jᵀ a (one VJP)."""
-        Jta = self.la.lin.vjp(self.X, a.reshape(self.shape))
-        return self.m + self.la.lin.space.expand_group_values(var) * Jta
+        Jta = self.lin.vjp(self.problem.X, a.reshape(self.shape))
+        return self.m + self.lin.space.expand_group_values(var) * Jta

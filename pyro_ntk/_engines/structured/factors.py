@@ -1,0 +1,272 @@
+r"""One chunk's per-layer factors: layer inputs ``A`` and output sensitivities ``B``.
+
+For each factored layer (:mod:`.plan`) at positions :math:`s`,
+
+.. math::
+
+    A_{n,s} = a_s(x_n) \in \mathbb{R}^{d_{in}}, \qquad
+    B_{n,o,s} = \partial f_o(x_n) / \partial z_{n,s} \in \mathbb{R}^{d_{out}},
+
+recorded by forward hooks in one forward pass and ``O`` backward passes to the layer outputs
+(no weight gradients). A convolution's inputs are stored as unfolded patches. Where the
+per-example gradients are cheaper to keep (``O·d_in·d_out`` against ``S·(d_in + O·d_out)``,
+e.g. early convolutions), they replace the factors. Memory per chunk of ``n`` examples:
+``n·Σ_l S_l·(d_in + O·d_out)`` floats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pyro_ntk._engines.cached import Closures, build_closures
+from pyro_ntk._engines.routes import Routes
+from pyro_ntk._engines.structured.plan import Demote, Layer, Plan
+
+
+@dataclass(frozen=True)
+class LayerFactors:
+    r"""The K-FAC factors of one factored layer over the row chunks of the inputs.
+
+    ``∂f_o(x_n)/∂W = Σ_s B[c][n, o, s] A[c][n, s]ᵀ`` for example ``n`` of chunk ``c``
+    (``∂f_o/∂b = Σ_s B``).
+
+    Attributes:
+        name: the module's name in the network.
+        kind: ``"linear"`` or ``"conv2d"``.
+        weight: the weight's slice of the flat parameter vector (``None``: not linearized).
+        bias: the bias's slice (``None``: no bias or not linearized).
+        A: per chunk, the layer inputs ``(n_c, S, d_in)`` (a convolution's unfolded patches).
+        B: per chunk, the output sensitivities ``(n_c, O, S, d_out)``.
+    """
+
+    name: str
+    kind: str
+    weight: slice | None
+    bias: slice | None
+    A: list[Tensor]
+    B: list[Tensor]
+
+
+@dataclass
+class Factors:
+    """One chunk's factors.
+
+    Per layer either ``A (n, S, d_in)`` and ``B (n, O, S, d_out)``, or (when cheaper, e.g.
+    early convolutions whose ``S·(d_in + O·d_out)`` far exceeds ``O·P_l``) the per-example
+    gradients themselves, ``wgrads[i] (n, O, d_out·d_in)`` and ``bsums[i] (n, O, d_out)``,
+    with ``A[i] = B[i] = None``.
+    """
+
+    A: list[Tensor | None]
+    B: list[Tensor | None]
+    generic: Closures | None
+    bsums: list[Tensor | None]
+    wgrads: list[Tensor | None]
+    aexts: list[Tensor | None]  # [A | 1] (n, d_in + 1) for the fused weight-and-bias path
+
+    def bsum(self, i: int) -> Tensor:
+        """``Σ_s B`` of layer ``i``, shape ``(n, O, d_out)`` (the bias gradients)."""
+        if self.bsums[i] is None:
+            self.bsums[i] = self.B[i].sum(2)
+        return self.bsums[i]
+
+    def wgrad(self, i: int) -> Tensor:
+        """Per-example weight gradients of layer ``i``, ``(n, O, d_out·d_in)``."""
+        if self.wgrads[i] is not None:
+            return self.wgrads[i]
+        return weight_grads(self.A[i], self.B[i])
+
+
+def weight_grads(A: Tensor, B: Tensor) -> Tensor:
+    """Per-example weight gradients ``Σ_s B_s A_sᵀ``, shape ``(n, O, d_out·d_in)``."""
+    n, O, S, d_out = B.shape
+    G = torch.bmm(B.permute(0, 1, 3, 2).reshape(n, O * d_out, S), A)  # (n, O·d_out, d_in)
+    return G.reshape(n, O, -1)
+
+
+def fast_layout(layer: Layer, A: Tensor | None, B: Tensor | None) -> bool:
+    """The single-position, single-output path whose products keep V's own layout."""
+    return (
+        A is not None
+        and layer.weight is not None
+        and A.shape[1] == 1
+        and B.shape[1] == 1
+        and A.shape[2] <= B.shape[3]
+    )
+
+
+def prefer_gradients(S: int, d_in: int, d_out: int, O: int) -> bool:
+    """Keep per-example gradients instead of factors: half the work and no more memory.
+
+    Per example and column, factors cost ``S·(d_in·d_out + O·d_out)`` multiply-adds per
+    product and hold ``S·(d_in + O·d_out)`` floats; gradients cost and hold ``O·d_in·d_out``.
+    """
+    factored_work = S * (d_in * d_out + O * d_out)
+    gradient = O * d_in * d_out
+    return 2 * gradient <= factored_work and gradient <= S * (d_in + O * d_out)
+
+
+def _layer_factors(layer: Layer, a: Tensor, g: Tensor, n: int, O: int) -> tuple[Tensor, Tensor]:
+    """``A (n, S, d_in)`` and ``B (n, O, S, d_out)`` from the input and ``∂f/∂z``."""
+    if layer.kind == "linear":
+        A = a.movedim(layer.batch_dim, 0).reshape(n, -1, layer.d_in)
+        B = g.reshape(n, O, -1, layer.d_out)
+        return A, B
+    m = layer.module
+    patches = F.unfold(
+        a, m.kernel_size, dilation=m.dilation, padding=layer.padding, stride=m.stride
+    )
+    A = patches.transpose(1, 2).contiguous()  # (n, S, C·kh·kw)
+    B = g.reshape(n, O, layer.d_out, -1).transpose(2, 3).contiguous()  # (n, O, S, C_out)
+    return A, B
+
+
+def build_factors(
+    plan: Plan,
+    f: Callable[[dict[str, Tensor], Tensor], Tensor],
+    theta: dict[str, Tensor],
+    routes: Routes,
+    network: nn.Module,
+    X: Tensor,
+) -> tuple[Factors, int]:
+    """The factors of chunk ``X`` and the bytes they hold.
+
+    Raises :class:`Demote` for a layer that does not run once, as a module, on the examples
+    in its established dimension.
+    """
+    n = X.shape[0]
+    layers = plan.layers
+    inputs: list[list[Tensor]] = [[] for _ in layers]
+    outputs: list[list[Tensor]] = [[] for _ in layers]
+    bad: dict[str, str] = {}
+    if layers and torch.nn.modules.module._global_forward_hooks:
+        # global forward hooks run before a module's own, so the output recorded below
+        # could already be transformed: the generic path is exact for any hook
+        raise Demote({layer.module_name: "a global forward hook is registered" for layer in layers})
+
+    versions: list[int] = [0] * len(layers)
+    guard = routes.inplace
+
+    def hook_for(i: int, layer: Layer):
+        def hook(module, args, out):
+            a = args[0] if args else None
+            b = layer.batch_dim
+            if (
+                b is None
+                or not isinstance(a, Tensor)
+                or a.dim() < 2
+                or a.dim() <= b
+                or a.shape[b] != n
+                or (layer.kind == "conv2d" and (a.dim() != 4 or b != 0))
+            ):
+                bad[layer.module_name] = (
+                    "its input's example dimension was not established"
+                    if b is None
+                    else f"its input does not carry the {n} examples in dim {b}"
+                )
+                return None
+            inputs[i].append(a.detach())
+            versions[i] = a._version
+            z = out if out.requires_grad else out.detach().requires_grad_()
+            outputs[i].append(z)
+            # an in-place op downstream (ReLU(inplace=True)) must not rewrite the recorded
+            # z, nor hit a leaf: hand the rest of the network a copy
+            return z.clone() if guard else z
+
+        return hook
+
+    # prepend: record the layer's own output z before any user forward hook transforms
+    # it, so autograd's ∂f/∂z below includes the user's hook (its chain factor)
+    handles = [
+        layer.module.register_forward_hook(hook_for(i, layer), prepend=True)
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        with torch.enable_grad():
+            out = f(theta, X)
+    finally:
+        for h in handles:
+            h.remove()
+    for i, (layer, calls) in enumerate(zip(layers, inputs)):
+        if layer.module_name in bad:
+            continue
+        if len(calls) != 1:
+            bad[layer.module_name] = (
+                f"the module ran {len(calls)} times in one forward pass (weight sharing)"
+                if calls
+                else "the module never ran as a module (its weights are used directly)"
+            )
+        elif calls[0]._version != versions[i]:
+            bad[layer.module_name] = "its input is overwritten in place later in the forward"
+    if bad:
+        raise Demote(bad)
+
+    O = out.shape[1]
+    zs = [o[0] for o in outputs]
+    sens: list[list[Tensor]] = [[] for _ in layers]
+    if zs:
+        for o in range(O):
+            with torch.enable_grad():  # callers may run under no_grad (linear_operator)
+                grads = torch.autograd.grad(
+                    out[:, o].sum(), zs, retain_graph=o < O - 1, allow_unused=True
+                )
+            for i, g in enumerate(grads):
+                g = torch.zeros_like(zs[i]) if g is None else g.detach()
+                sens[i].append(g.movedim(layers[i].batch_dim, 0))
+    A_list, B_list, wgrads, bsums, aexts = [], [], [], [], []
+    for layer, a, b in zip(layers, inputs, sens):
+        A, B = _layer_factors(layer, a[0], torch.stack(b, dim=1), n, O)
+        a.clear()
+        b.clear()
+        if prefer_gradients(A.shape[1], A.shape[2], B.shape[3], O):
+            wgrads.append(weight_grads(A, B) if layer.weight is not None else None)
+            bsums.append(B.sum(2) if layer.bias is not None else None)
+            A, B = None, None
+        else:
+            wgrads.append(None)
+            bsums.append(None)
+        aext = None
+        if fast_layout(layer, A, B) and layer.bias is not None:
+            # [A | 1]: the bias rides along in the weight's matrix product
+            d_in = A.shape[2]
+            aext = A.new_empty(n, d_in + 1)
+            aext[:, :d_in] = A.reshape(n, d_in)
+            aext[:, d_in] = 1.0
+            A = aext[:, None, :d_in]
+        aexts.append(aext)
+        A_list.append(A)
+        B_list.append(B)
+    held = [t for t in A_list + B_list + wgrads + bsums + aexts if t is not None]
+    nbytes = sum(t.numel() * t.element_size() for t in held)
+    generic = None
+    if plan.generic:
+
+        def fn(p: dict[str, Tensor]) -> Tensor:
+            return f({**theta, **p}, X)
+
+        generic, extra = build_closures(fn, {g: theta[g] for g in plan.generic}, routes, network)
+        nbytes += extra
+    return Factors(A_list, B_list, generic, bsums, wgrads, aexts), nbytes
+
+
+def layer_factors(plan: Plan, chunks: list[Factors]) -> list[LayerFactors]:
+    """The layers of ``plan`` whose factors ``A`` and ``B`` every chunk of ``chunks`` keeps."""
+    out = []
+    for i, layer in enumerate(plan.layers):
+        if all(c.A[i] is not None and c.B[i] is not None for c in chunks):
+            out.append(
+                LayerFactors(
+                    name=layer.module_name,
+                    kind=layer.kind,
+                    weight=layer.w_slice,
+                    bias=layer.b_slice,
+                    A=[c.A[i] for c in chunks],
+                    B=[c.B[i] for c in chunks],
+                )
+            )
+    return out

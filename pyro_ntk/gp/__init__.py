@@ -1,0 +1,35 @@
+r"""The function-space Gaussian of a linearized network, below the Pyro layer.
+
+.. math:: f(X) \sim \mathcal N\big(m(X),\ A\big),\qquad A = \sigma^2 K(X, X) + d\, I
+
+* :mod:`pyro_ntk.gp.system`: :class:`NTKSystem`, the cached kernel or operator of one
+  ``(θ*, X)``, its factor and preconditioners, its solves.
+* :mod:`pyro_ntk.gp.log_density`: the log-density by Cholesky or by mBCG + SLQ, escalated.
+* :mod:`pyro_ntk.gp.posterior`: mean, variances, covariance and pathwise draws at test inputs.
+"""
+
+from pyro_ntk.gp.log_density import cholesky_log_prob as cholesky_log_prob
+from pyro_ntk.gp.log_density import linear_operator_settings as linear_operator_settings
+from pyro_ntk.gp.log_density import mbcg_log_prob as mbcg_log_prob
+from pyro_ntk.gp.posterior import add_noise as add_noise
+from pyro_ntk.gp.posterior import cholesky_posterior as cholesky_posterior
+from pyro_ntk.gp.posterior import conditional_covariance as conditional_covariance
+from pyro_ntk.gp.posterior import explained_covariance as explained_covariance
+from pyro_ntk.gp.posterior import pathwise_covariance as pathwise_covariance
+from pyro_ntk.gp.posterior import pathwise_posterior as pathwise_posterior
+from pyro_ntk.gp.system import ESCALATION_RANK_FACTOR as ESCALATION_RANK_FACTOR
+from pyro_ntk.gp.system import NTKSystem as NTKSystem
+
+__all__ = [
+    "ESCALATION_RANK_FACTOR",
+    "NTKSystem",
+    "add_noise",
+    "cholesky_log_prob",
+    "cholesky_posterior",
+    "conditional_covariance",
+    "explained_covariance",
+    "linear_operator_settings",
+    "mbcg_log_prob",
+    "pathwise_covariance",
+    "pathwise_posterior",
+]
