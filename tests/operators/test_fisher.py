@@ -25,23 +25,7 @@ def _net(out: int, dtype=torch.float64) -> nn.Module:
 
 def _dense_fisher(net, X, likelihood, noise=None):
     """Independent reference: per-example Jacobian loop, then Σ_n J_nᵀ Λ_n J_n with Λ built densely."""
-    J = reference_jacobian(net, X)  # (N, O, P)
-    f = reference_output(net, X)  # (N, O)
-    N, O, P = J.shape
-    F = torch.zeros(P, P, dtype=J.dtype)
-    for n in range(N):
-        if likelihood == "gaussian":
-            Lam = torch.diag(1.0 / noise[n])
-        elif likelihood == "bernoulli":
-            p = 1 / (1 + torch.exp(-f[n]))
-            Lam = torch.diag(p * (1 - p))
-        elif likelihood == "poisson":
-            Lam = torch.diag(torch.exp(f[n]))
-        else:
-            p = torch.exp(f[n]) / torch.exp(f[n]).sum()
-            Lam = torch.diag(p) - torch.outer(p, p)
-        F += J[n].T @ Lam @ J[n]
-    return F
+    return _dense_fisher_at(reference_jacobian(net, X), reference_output(net, X), likelihood, noise)
 
 
 def _setup(likelihood, n=12):
@@ -156,11 +140,13 @@ def test_invalid_arguments():
         FisherLinearOperator(X, linearization=lin, epsilon=0.0)
 
 
-def _dense_fisher_at(J, f, likelihood):
+def _dense_fisher_at(J, f, likelihood, noise=None):
     """Σ_n J_nᵀ Λ(f_n) J_n with Λ written out densely at the given outputs f (N, O)."""
     F = torch.zeros(J.shape[-1], J.shape[-1], dtype=J.dtype)
     for n in range(J.shape[0]):
-        if likelihood == "bernoulli":
+        if likelihood == "gaussian":
+            Lam = torch.diag(1.0 / noise[n])
+        elif likelihood == "bernoulli":
             p = 1 / (1 + torch.exp(-f[n]))
             Lam = torch.diag(p * (1 - p))
         elif likelihood == "poisson":
