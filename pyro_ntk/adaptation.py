@@ -293,8 +293,8 @@ def evidence_laplace(
     check_positive_int("evidence_laplace", "num_steps", num_steps)
     lin = Linearization(network, params=dense_parameters(network))
     la = LinearizedLaplace(
-        None, "categorical", variance=variance, layer_variances=True, method="kernel",
-        linearization=lin, prior_mean=head_prior_mean(lin),
+        lin, "categorical", variance=variance, layer_variances=True, method="kernel",
+        prior_mean=head_prior_mean(lin),
     )  # fmt: skip
     la.fit(X, y)
     before = float(la.log_marginal_likelihood())
@@ -339,10 +339,10 @@ def tempered_laplace(
             f"{type(laplace).__name__}."
         )
     tempered = LinearizedLaplace(
-        None, laplace.likelihood, variance=laplace.variance,
+        laplace.lin, laplace.likelihood, variance=laplace.variance,
         layer_variances=laplace.layer_variances, noise=laplace.noise, method=laplace.method,
         rank=laplace.rank, slq_probes=laplace.slq_probes, slq_steps=laplace.slq_steps,
-        linearization=laplace.lin, prior_mean=laplace.prior_mean, temperature=temperature,
+        prior_mean=laplace.prior_mean, temperature=temperature,
     )  # fmt: skip
     return tempered.fit(X, y)
 

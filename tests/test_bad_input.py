@@ -345,10 +345,10 @@ TABLE = [
     ),
     (
         "lm_linearization_type",
-        lambda: pyro_ntk.LinearizedModel(None, linearization=_net()),
+        lambda: pyro_ntk.LinearizedModel("net"),
         TypeError,
         "LinearizedModel",
-        "linearization",
+        "network",
     ),
     (
         "lm_variance_zero",

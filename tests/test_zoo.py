@@ -436,7 +436,7 @@ def test_regression_cg(case):
 def test_linearized_model(case):
     """``LinearizedModel``: ``f(X) + J(X) δ`` for one δ and for a batch of two, twice each."""
     run, ref, _ = model_run(case)
-    model = LinearizedModel(None, variance=0.5, linearization=run.lin)
+    model = LinearizedModel(run.lin, variance=0.5)
     N, O, P = ref.J.shape
     m = Mismatches()
     for call in range(2):

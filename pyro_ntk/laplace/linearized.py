@@ -59,7 +59,7 @@ from pyro_ntk.laplace.route import (
     choose_method,
 )
 from pyro_ntk.likelihoods import Likelihood, get_likelihood
-from pyro_ntk.linearization import Linearization, check_linearization
+from pyro_ntk.linearization import Linearization, as_linearization
 from pyro_ntk.models.linearized import check_variance
 from pyro_ntk.parameters import ParamSelector
 
@@ -83,7 +83,8 @@ class LinearizedLaplace(LaplacePosterior):
     :meth:`optimize_prior` maximises it over σ² (scalar or per layer).
 
     Args:
-        network: the trained ``nn.Module`` (never mutated).
+        network: the trained ``nn.Module`` (never mutated), or a
+            :class:`~pyro_ntk.Linearization` to share its θ* copy.
         likelihood: a :class:`~pyro_ntk.likelihoods.Likelihood` or its value:
             ``"categorical"`` (``O ≥ 2`` logits), ``"bernoulli"`` (logits), ``"poisson"``
             (log-rates) or ``"gaussian"`` (means; needs ``noise``).
@@ -99,7 +100,6 @@ class LinearizedLaplace(LaplacePosterior):
             ``"lanczos"`` route (0: the truncated eigenvalue sum instead).
         slq_steps: Lanczos steps per SLQ probe.
         chunk_size: inputs per chunk of the Linearization's products (memory bound).
-        linearization: an existing :class:`~pyro_ntk.Linearization` to share.
         prior_mean: the prior mean ``m`` of δ, ``(P,)`` (default 0: the prior is centred at
             θ*). The prior is ``N(m, D⁻¹)``: with ``m = θ₀ − θ*`` it is centred at ``θ₀``
             instead, e.g. ``θ₀`` = source weights with a *zero* head when the head at θ* was
@@ -130,7 +130,7 @@ class LinearizedLaplace(LaplacePosterior):
 
     def __init__(
         self,
-        network: nn.Module | None,
+        network: nn.Module | Linearization,
         likelihood: str | Likelihood = "categorical",
         variance: float | Tensor = 1.0,
         layer_variances: bool = False,
@@ -142,15 +142,11 @@ class LinearizedLaplace(LaplacePosterior):
         slq_probes: int = 10,
         slq_steps: int = 30,
         chunk_size: int | None = None,
-        linearization: Linearization | None = None,
         prior_mean: Tensor | None = None,
         temperature: float = 1.0,
     ):
         where = "LinearizedLaplace"
-        if linearization is None:
-            linearization = Linearization(network, params, chunk_size=chunk_size)
-        else:
-            check_linearization(where, linearization)
+        linearization = as_linearization(where, network, params, chunk_size)
         lik = get_likelihood(where, likelihood)
         check_choice(where, "method", method, [m.value for m in LaplaceMethod])
         if (lik.kind == Likelihood.GAUSSIAN) != (noise is not None):

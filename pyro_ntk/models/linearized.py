@@ -22,7 +22,7 @@ from pyro.poutine.plate_messenger import PlateMessenger
 from torch import Tensor, nn
 
 from pyro_ntk._checks import check_tensor
-from pyro_ntk.linearization import Linearization, check_linearization
+from pyro_ntk.linearization import Linearization, as_linearization
 from pyro_ntk.parameters import ParamSelector
 
 # Plates that Pyro itself opens to vectorise over particles or predictive samples: δ
@@ -75,15 +75,14 @@ class LinearizedModel(PyroModule):
     1))`` (shape ``(G,)`` with ``layer_variances=True``).
 
     Args:
-        network: the trained ``nn.Module`` (never mutated, never trained).
+        network: the trained ``nn.Module`` (never mutated, never trained), or a
+            :class:`~pyro_ntk.Linearization` to share its θ* copy.
         variance: prior variance σ² of every linearized parameter (a positive float or
             tensor; with ``layer_variances=True`` a scalar or one value per layer ``(G,)``).
         layer_variances: one σ_g² per parameter group (layer) instead of a single σ².
         params: which parameters to linearize (see :class:`~pyro_ntk.Linearization`).
         name: the name of δ's sample site.
         chunk_size: inputs per chunk for the Jacobian products.
-        linearization: an existing :class:`~pyro_ntk.Linearization` to share (then
-            ``network``, ``params`` and ``chunk_size`` are taken from it).
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
@@ -100,21 +99,17 @@ class LinearizedModel(PyroModule):
 
     def __init__(
         self,
-        network: nn.Module | None,
+        network: nn.Module | Linearization,
         variance: float | Tensor = 1.0,
         layer_variances: bool = False,
         params: ParamSelector = None,
         *,
         name: str = "delta",
         chunk_size: int | None = None,
-        linearization: Linearization | None = None,
     ):
         super().__init__()
         where = "LinearizedModel"
-        if linearization is None:
-            linearization = Linearization(network, params, chunk_size=chunk_size)
-        else:
-            check_linearization(where, linearization)
+        linearization = as_linearization(where, network, params, chunk_size)
         if not isinstance(name, str) or not name:
             raise ValueError(f"{where}: name must be a non-empty string, got {name!r}.")
         # A plain attribute, not a submodule: the network's weights stay out of parameters().

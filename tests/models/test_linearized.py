@@ -100,7 +100,7 @@ def test_layer_variances_expand_per_group():
     net, X = CASES[0].build(n=6)
     lin = Linearization(net)
     var = torch.tensor([0.5, 2.0, 3.0])
-    model = LinearizedModel(None, variance=var, layer_variances=True, linearization=lin)
+    model = LinearizedModel(lin, variance=var, layer_variances=True)
     expected = lin.space.expand_group_values(var).sqrt()
     torch.testing.assert_close(model.prior_scale(), expected)
     tr = pyro.poutine.trace(model).get_trace(X)
@@ -172,7 +172,7 @@ def _logistic_problem(n, seed=0):
 
 def test_svi_recovers_known_delta_with_subsampling():
     net, lin, X, y, delta_true = _logistic_problem(1200)
-    model = LinearizedModel(None, variance=10.0, linearization=lin)
+    model = LinearizedModel(lin, variance=10.0)
 
     def pyro_model(X, y):
         delta = model.sample_delta()
@@ -190,7 +190,7 @@ def test_svi_recovers_known_delta_with_subsampling():
 
 def test_minibatch_and_full_batch_elbo_agree_in_expectation():
     net, lin, X, y, _ = _logistic_problem(200, seed=3)
-    model = LinearizedModel(None, variance=1.0, linearization=lin)
+    model = LinearizedModel(lin, variance=1.0)
 
     def make(subsample_size):
         def pyro_model(X, y):
