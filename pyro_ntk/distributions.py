@@ -28,29 +28,9 @@ from pyro_ntk._checks import check_choice, check_finite, check_tensor
 from pyro_ntk.gp import NTKSystem
 from pyro_ntk.linearization import Linearization, as_linearization
 from pyro_ntk.options import SolverOptions
+from pyro_ntk.parameters import normalize_positive
 
 __all__ = ["LinearizedNetwork"]
-
-
-def check_positive(where: str, name: str, value: object, lin: Linearization) -> Tensor:
-    """A strictly positive, finite tensor in the network's dtype (scalars are converted)."""
-    if not isinstance(value, Tensor):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(
-                f"{where}: {name} must be a positive number or tensor, got {type(value).__name__}."
-            )
-        value = torch.tensor(float(value), dtype=lin.dtype, device=lin.device)
-    check_finite(where, name, value)
-    if value.dtype != lin.dtype:
-        raise TypeError(
-            f"{where}: {name} has dtype {value.dtype}; expected the network's dtype {lin.dtype}."
-        )
-    if not bool((value > 0).all()):
-        raise ValueError(
-            f"{where}: {name} must be > 0, got {value.detach().cpu().tolist()} "
-            f"(shape {tuple(value.shape)})."
-        )
-    return value
 
 
 def check_jitter(where: str, jitter: object) -> float:
@@ -62,21 +42,6 @@ def check_jitter(where: str, jitter: object) -> float:
     ):
         raise ValueError(f"{where}: jitter must be a float >= 0, got {jitter!r}.")
     return float(jitter)
-
-
-def _check_variance(
-    where: str, variance: object, lin: Linearization, layer_variances: bool | None
-) -> tuple[Tensor, bool]:
-    variance = check_positive(where, "variance", variance, lin)
-    G = len(lin.groups)
-    if layer_variances is None:
-        layer_variances = variance.dim() == 1 and variance.shape[0] == G and G > 1
-    if layer_variances and (variance.dim() == 0 or variance.shape[-1] != G):
-        raise ValueError(
-            f"{where}: variance has shape {tuple(variance.shape)}; with layer_variances=True "
-            f"its last dimension must be G = {G}, one per parameter group {lin.groups}."
-        )
-    return variance, bool(layer_variances)
 
 
 class LinearizedNetwork(TorchDistribution):
@@ -177,14 +142,18 @@ class LinearizedNetwork(TorchDistribution):
         self.linearization = lin
         self.X = system.X
         N, O = system.N, system.O
-        self.kernel_variance, self.layer_variances = _check_variance(
-            where, variance, lin, layer_variances
+        if layer_variances is None and isinstance(variance, Tensor) and variance.dim() > 1:
+            layer_variances = False  # inferred per group only for a 1-D (G,) tensor
+        self.kernel_variance, self.layer_variances = lin.space.normalize_variance(
+            where, variance, layer_variances, positive=True, batched=True
         )
         self.jitter = check_jitter(where, jitter)
         if noise is None:
             self.noise = torch.zeros((), dtype=lin.dtype, device=lin.device)
         else:
-            self.noise = check_positive(where, "noise", noise, lin)
+            self.noise = normalize_positive(
+                where, "noise", noise, lin.dtype, lin.device, scalar=False
+            )
         if isinstance(mean, str):
             check_choice(where, "mean", mean, ("network", "zero"))
             if mean == "network":

@@ -5,7 +5,8 @@ remaining parameters and buffers, held fixed), so the user's network is never to
 Flat vectors of length ``P`` concatenate the selected parameters in ``named_parameters()``
 order; each parameter belongs to a *group*, the module that owns it (a layer), which is
 what per-layer variances σ_g² attach to. :func:`normalize_variance` is the one check of a
-prior variance σ² (a scalar or one per group), applied once at each public entry.
+prior variance σ² (a scalar or one per group), applied once at each public entry;
+:func:`normalize_positive` is its sibling for a positive quantity that is not one (a noise).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 
 from pyro_ntk._checks import check_finite
 
-__all__ = ["ParamSelector", "ParameterSpace", "normalize_variance"]
+__all__ = ["ParamSelector", "ParameterSpace", "normalize_positive", "normalize_variance"]
 
 ParamSelector = None | Iterable[str] | Callable[[str, nn.Parameter], bool]
 
@@ -197,6 +198,70 @@ def _select(named: list[tuple[str, nn.Parameter]], params: ParamSelector, where:
     return [n for n, _ in named if n in set(wanted)]
 
 
+def _as_tensor(
+    where: str, name: str, value: object, dtype: torch.dtype, device, convert: bool, what: str
+) -> Tensor:
+    """``value`` as a tensor in ``dtype`` on ``device`` (numbers always cast; see ``convert``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        if not (convert and isinstance(value, (list, tuple))):
+            raise TypeError(f"{where}: {name} must be {what}, got {type(value).__name__}.")
+    if not isinstance(value, Tensor) or convert:
+        try:
+            value = torch.as_tensor(value, dtype=dtype, device=device)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{where}: {name} must be {what}, got {value!r}.") from exc
+    if value.dtype != dtype:
+        raise TypeError(f"{where}: {name} has dtype {value.dtype}, expected {dtype}.")
+    if value.device != torch.device(device):
+        raise ValueError(f"{where}: {name} is on device {value.device}, expected {device}.")
+    return value
+
+
+def normalize_positive(
+    where: str,
+    name: str,
+    value: object,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    scalar: bool = True,
+    convert: bool = False,
+) -> Tensor:
+    r"""The check of a positive quantity that is not a per-group variance (a noise :math:`s^2`).
+
+    .. math:: s^2 \in (0, \infty), \qquad \text{shape } () \text{ or, unless } \texttt{scalar},
+              (*\text{batch}).
+
+    Run once at a public entry (it synchronizes with the device to test the values).
+
+    Args:
+        where: the public entry point, first in every message.
+        name: the argument's name in messages.
+        value: a number or a tensor (or, with ``convert``, a sequence).
+        dtype: the network's dtype; a tensor must match it unless ``convert``.
+        device: the network's device; likewise.
+        scalar: require shape ``()`` (else any batch shape).
+        convert: cast numbers, sequences and tensors to ``dtype``/``device`` instead of
+            refusing another dtype or device.
+
+    Returns:
+        The tensor (the given one when nothing was converted, so gradients reach it).
+
+    Example:
+        >>> normalize_positive("f", "noise", 0.5, torch.float64, torch.device("cpu")).tolist()
+        0.5
+    """
+    value = _as_tensor(where, name, value, dtype, device, convert, "a positive number or tensor")
+    if scalar and value.dim() != 0:
+        raise ValueError(f"{where}: {name} has shape {tuple(value.shape)}; expected a scalar.")
+    values = value.detach()
+    if not bool(torch.isfinite(values).all()) or not bool((values > 0).all()):
+        raise ValueError(
+            f"{where}: {name} must be positive and finite, got {values.cpu().tolist()}."
+        )
+    return value
+
+
 def normalize_variance(
     where: str,
     variance: object,
@@ -245,27 +310,19 @@ def normalize_variance(
         >>> v.tolist(), per_group
         ([1.0, 1.0], True)
     """
+    if layer_variances is not None and not isinstance(layer_variances, bool):
+        raise TypeError(
+            f"{where}: layer_variances must be a bool or None, got "
+            f"{type(layer_variances).__name__}."
+        )
     G = len(groups)
     if variance is None:
         return torch.ones(G if layer_variances else (), dtype=dtype, device=device), bool(
             layer_variances
         )
-    if isinstance(variance, bool) or not isinstance(variance, (int, float, Tensor)):
-        if not (convert and isinstance(variance, (list, tuple))):
-            raise TypeError(
-                f"{where}: {name} must be None, a number or a tensor, got {type(variance).__name__}."
-            )
-    if not isinstance(variance, Tensor) or convert:
-        try:
-            variance = torch.as_tensor(variance, dtype=dtype, device=device)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(
-                f"{where}: {name} must be None, a number or a tensor, got {variance!r}."
-            ) from exc
-    if variance.dtype != dtype:
-        raise TypeError(f"{where}: {name} has dtype {variance.dtype}, expected {dtype}.")
-    if variance.device != device:
-        raise ValueError(f"{where}: {name} is on device {variance.device}, expected {device}.")
+    variance = _as_tensor(
+        where, name, variance, dtype, device, convert, "None, a number or a tensor"
+    )
     shape = tuple(variance.shape)
     last_is_g = variance.dim() >= 1 and shape[-1] == G
     if layer_variances is None:
@@ -277,7 +334,8 @@ def normalize_variance(
             variance = variance.expand(G)
         per_group, ok = True, variance.dim() >= 1 and variance.shape[-1] == G
         ok = ok and (batched or variance.dim() == 1)
-        expected = f"({G},), one per layer {groups} (layer_variances=True)"
+        dims = f"(*batch, {G})" if batched else f"({G},)"
+        expected = f"{dims}, one per layer {groups} (layer_variances=True)"
     else:
         per_group, ok = False, batched or variance.dim() == 0
         expected = "a scalar (layer_variances=False)"

@@ -213,15 +213,18 @@ def test_validate_args_rejects_wrong_shape():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(variance=-1.0), r"variance must be > 0, got -1\.0"),
-        (dict(variance=torch.tensor([1.0, 0.0])), r"variance must be > 0, got \[1\.0, 0\.0\]"),
-        (dict(noise=0.0), r"noise must be > 0, got 0\.0"),
+        (dict(variance=-1.0), r"variance must be positive and finite \(σ² > 0\), got -1\.0"),
+        (
+            dict(variance=torch.tensor([1.0, 0.0])),
+            r"variance must be positive and finite \(σ² > 0\), got \[1\.0, 0\.0\]",
+        ),
+        (dict(noise=0.0), r"noise must be positive and finite, got 0\.0"),
         (dict(jitter=-1e-3), r"jitter must be a float >= 0"),
         (dict(mean="net"), r"mean must be one of"),
         (dict(mean=torch.zeros(3, 1)), r"mean has shape \(3, 1\); expected \(\.\.\., 3, 2\)"),
         (
             dict(variance=torch.ones(3), layer_variances=True),
-            r"variance has shape \(3,\); with layer_variances=True",
+            r"variance has shape \(3,\); expected \(\*batch, 2\), one per layer .*layer_variances=True",
         ),
     ],
 )

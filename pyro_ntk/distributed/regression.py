@@ -29,8 +29,8 @@ from pyro_ntk.distributed.preconditioner import (
     ShardedEigenPreconditioner,
     ShardedFisherPreconditioner,
 )
-from pyro_ntk.distributions import check_positive
 from pyro_ntk.gp import add_noise, conditional_covariance, explained_covariance
+from pyro_ntk.parameters import normalize_positive
 from pyro_ntk.solvers import (
     SolverDiagnostics,
     lanczos_quadrature,
@@ -152,18 +152,9 @@ class ShardedNTKRegression:
         if y.dtype != lin.dtype:
             raise TypeError(f"{where}: y has dtype {y.dtype}, expected {lin.dtype}.")
         self.y = check_finite(where, "y", y)
-        self.noise = check_positive(where, "noise", noise, lin).detach()
-        if self.noise.dim() != 0:
-            raise ValueError(
-                f"{where}: noise must be a scalar, got shape {tuple(self.noise.shape)}."
-            )
-        self.variance = check_positive(where, "variance", variance, lin).detach()
-        G = len(lin.groups)
-        if self.variance.dim() > 1 or (self.variance.dim() == 1 and self.variance.shape[0] != G):
-            raise ValueError(
-                f"{where}: variance has shape {tuple(self.variance.shape)}; expected a scalar "
-                f"or ({G},), one per parameter group {lin.groups}."
-            )
+        self.noise = normalize_positive(where, "noise", noise, lin.dtype, lin.device).detach()
+        variance, _ = lin.space.normalize_variance(where, variance, positive=True)
+        self.variance = variance.detach()
         self.mean = mean
         self.jitter = float(jitter)
         self.cg_tolerance = float(cg_tolerance)

@@ -21,39 +21,7 @@ from torch import Tensor, nn
 from pyro_ntk._checks import check_tensor
 from pyro_ntk.kernels._output import check_output, output_linearization, unprefixed_group
 from pyro_ntk.linearization import Linearization
-from pyro_ntk.parameters import ParamSelector
-
-
-def initial_variance(
-    where: str, variance: object, layer_variances: bool, groups: list[str], dtype, device
-) -> Tensor:
-    """Validate an initial σ² (scalar, or ``(G,)`` per layer) and return a fresh tensor."""
-    if not isinstance(layer_variances, bool):
-        raise TypeError(
-            f"{where}: layer_variances must be a bool, got {type(layer_variances).__name__}."
-        )
-    G = len(groups)
-    if variance is None:
-        value = torch.ones(G if layer_variances else (), dtype=dtype, device=device)
-    else:
-        try:
-            value = torch.as_tensor(variance, dtype=dtype, device=device).detach().clone()
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(
-                f"{where}: variance must be a positive number or tensor, got {variance!r}."
-            ) from exc
-        if layer_variances and value.dim() == 0:
-            value = value.expand(G).clone()
-        expected = (G,) if layer_variances else ()
-        if tuple(value.shape) != expected:
-            what = f"({G},), one per layer {groups}" if layer_variances else "a scalar"
-            raise ValueError(
-                f"{where}: variance has shape {tuple(value.shape)}; expected {what} "
-                f"(layer_variances={layer_variances})."
-            )
-    if not bool(torch.isfinite(value).all()) or not bool((value > 0).all()):
-        raise ValueError(f"{where}: variance must be positive and finite, got {value.tolist()}.")
-    return value
+from pyro_ntk.parameters import ParamSelector, normalize_variance
 
 
 def infer_input_dim(network: nn.Module) -> int | None:
@@ -160,13 +128,17 @@ class EmpiricalNTK(Kernel):
 
         # a plain object outside this kernel's module tree (so is the network)
         self._lin = lin
-        self.layer_variances = layer_variances
-        self.variance = PyroParam(
-            initial_variance(
-                where, variance, layer_variances, self.groups, self._lin.dtype, self._lin.device
-            ),
-            constraints.positive,
+        init, self.layer_variances = normalize_variance(
+            where,
+            variance,
+            self.groups,
+            lin.dtype,
+            lin.device,
+            layer_variances,
+            positive=True,
+            convert=True,
         )
+        self.variance = PyroParam(init.detach().clone(), constraints.positive)
 
     # ------------------------------------------------------------------ introspection
     @property

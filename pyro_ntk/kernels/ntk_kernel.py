@@ -20,10 +20,9 @@ from gpytorch.priors import Prior
 from torch import Tensor, nn
 
 from pyro_ntk.kernels._output import check_output, output_linearization, unprefixed_group
-from pyro_ntk.kernels.empirical_ntk import initial_variance
 from pyro_ntk.linearization import Linearization
 from pyro_ntk.operators import NTKLinearOperator
-from pyro_ntk.parameters import ParamSelector
+from pyro_ntk.parameters import ParamSelector, normalize_variance
 
 
 class NTKKernel(Kernel):
@@ -120,10 +119,17 @@ class NTKKernel(Kernel):
         self.input_shape = input_shape
         # a plain attribute outside the module tree: θ* copies, never trained
         self._lin = output_linearization(network, params, self.output, chunk_size, where)
-        self.layer_variances = layer_variances
-        init = initial_variance(
-            where, variance, layer_variances, self.groups, self._lin.dtype, self._lin.device
+        init, self.layer_variances = normalize_variance(
+            where,
+            variance,
+            self.groups,
+            self._lin.dtype,
+            self._lin.device,
+            layer_variances,
+            positive=True,
+            convert=True,
         )
+        init = init.detach().clone()
         if variance_constraint is None:
             variance_constraint = Positive()
         shape = (*self.batch_shape, *init.shape)

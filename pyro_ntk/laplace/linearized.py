@@ -60,8 +60,7 @@ from pyro_ntk.laplace.route import (
 )
 from pyro_ntk.likelihoods import Likelihood, get_likelihood
 from pyro_ntk.linearization import Linearization, as_linearization
-from pyro_ntk.models.linearized import check_variance
-from pyro_ntk.parameters import ParamSelector
+from pyro_ntk.parameters import ParamSelector, normalize_positive
 
 __all__ = ["LinearizedLaplace"]
 
@@ -158,10 +157,15 @@ class LinearizedLaplace(LaplacePosterior):
         self.likelihood = lik.kind.value
         self._lik = lik
         self.layer_variances = bool(layer_variances)
-        self.variance = check_variance(where, variance, linearization, layer_variances)
-        self.noise = (
-            None if noise is None else check_variance(where, noise, linearization, False, "noise")
+        variance, _ = linearization.space.normalize_variance(
+            where, variance, self.layer_variances, positive=True, convert=True
         )
+        self.variance = variance.detach().clone()
+        if noise is not None:
+            noise = normalize_positive(
+                where, "noise", noise, self.lin.dtype, self.lin.device, convert=True
+            )
+        self.noise = None if noise is None else noise.detach().clone()
         self.method = LaplaceMethod(method).value
         self.rank = check_positive_int(where, "rank", rank)
         self.slq_probes = check_nonnegative_int(where, "slq_probes", slq_probes)

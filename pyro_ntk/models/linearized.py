@@ -116,9 +116,10 @@ class LinearizedModel(PyroModule):
         self.linearization = linearization
         self.site_name = name
         self.layer_variances = bool(layer_variances)
-        self.register_buffer(
-            "variance", check_variance(where, variance, linearization, layer_variances)
+        variance, _ = linearization.space.normalize_variance(
+            where, variance, self.layer_variances, positive=True, convert=True
         )
+        self.register_buffer("variance", variance.detach().clone())
         self._cache: tuple[Tensor, int, Tensor] | None = None
 
     # ------------------------------------------------------------------ properties
@@ -195,34 +196,3 @@ class LinearizedModel(PyroModule):
         return (
             f"P={self.num_params}, site={self.site_name!r}, layer_variances={self.layer_variances}"
         )
-
-
-def check_variance(
-    where: str,
-    variance: object,
-    lin: Linearization,
-    layer_variances: bool,
-    name: str = "variance",
-) -> Tensor:
-    """A positive scalar, or ``(G,)`` per-layer variances, as a tensor in the network's dtype.
-
-    Shared by :class:`LinearizedModel` and :class:`~pyro_ntk.LinearizedLaplace`. ``name`` is
-    the argument's name in messages (``"noise"`` for a noise variance).
-    """
-    G = len(lin.groups)
-    if isinstance(variance, bool) or not isinstance(variance, (int, float, Tensor)):
-        raise TypeError(
-            f"{where}: {name} must be a positive float or tensor, got {type(variance).__name__}."
-        )
-    v = torch.as_tensor(variance, dtype=lin.dtype, device=lin.device).detach().clone()
-    ok_shape = v.dim() == 0 or (layer_variances and tuple(v.shape) == (G,))
-    if not ok_shape:
-        expected = (
-            f"a scalar or ({G},) for the layers {lin.groups}" if layer_variances else "a scalar"
-        )
-        raise ValueError(f"{where}: {name} has shape {tuple(v.shape)}; expected {expected}.")
-    if not bool(torch.isfinite(v).all()) or not bool((v > 0).all()):
-        raise ValueError(f"{where}: {name} must be positive and finite, got {v.tolist()}.")
-    if layer_variances and v.dim() == 0:
-        v = v.expand(G).clone()
-    return v

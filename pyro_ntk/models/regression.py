@@ -23,10 +23,11 @@ from pyro.nn.module import PyroParam
 from torch import Tensor, nn
 
 from pyro_ntk._checks import check_choice, check_finite, check_positive_int, check_tensor
-from pyro_ntk.distributions import LinearizedNetwork, check_jitter, check_positive
+from pyro_ntk.distributions import LinearizedNetwork, check_jitter
 from pyro_ntk.gp import NTKSystem, add_noise
 from pyro_ntk.linearization import Linearization, as_linearization
 from pyro_ntk.options import SolverOptions
+from pyro_ntk.parameters import normalize_positive
 from pyro_ntk.solvers import SolverDiagnostics
 
 __all__ = ["NTKGPRegression"]
@@ -134,21 +135,12 @@ class NTKGPRegression(GPModel):
         self._options = options
         self.set_data(X, y)
 
-        G = len(lin.groups)
-        if noise is None:
-            noise = torch.tensor(1.0, dtype=lin.dtype, device=lin.device)
-        noise = check_positive(where, "noise", noise, lin)
-        if noise.dim() != 0:
-            raise ValueError(f"{where}: noise must be a scalar, got shape {tuple(noise.shape)}.")
-        if variance is None:
-            variance = torch.ones(G if layer_variances else (), dtype=lin.dtype, device=lin.device)
-        variance = check_positive(where, "variance", variance, lin)
-        expected = (G,) if layer_variances else ()
-        if tuple(variance.shape) != expected:
-            raise ValueError(
-                f"{where}: variance has shape {tuple(variance.shape)}; expected {expected} "
-                f"(layer_variances={layer_variances}, groups {lin.groups})."
-            )
+        noise = normalize_positive(
+            where, "noise", 1.0 if noise is None else noise, lin.dtype, lin.device
+        )
+        variance, _ = lin.space.normalize_variance(
+            where, variance, self.layer_variances, positive=True
+        )
         self.noise = PyroParam(noise, constraints.positive)
         self.variance = PyroParam(variance, constraints.positive)
 

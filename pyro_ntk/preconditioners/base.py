@@ -65,26 +65,13 @@ class Preconditioner(ABC):
         self.seed = seed
         self.rebuild_factor = float(rebuild_factor)
         self.rebuilds = 0
-        self._ref = self._group_variance(where, variance)
+        ref, _ = linearization.space.normalize_variance(
+            where, variance, positive=True, convert=True
+        )
+        self._ref = ref.detach().expand(linearization.space.num_groups).clone()
         self._eigen: EigenPreconditioner | None = None
 
     # ------------------------------------------------------------------ variances
-    def _group_variance(self, where: str, variance: object) -> Tensor:
-        """σ² as a detached ``(G,)`` tensor (a scalar is broadcast)."""
-        lin = self.linearization
-        G = lin.space.num_groups
-        if variance is None:
-            return torch.ones(G, dtype=lin.dtype, device=lin.device)
-        v = variance.detach() if isinstance(variance, Tensor) else variance
-        v = torch.as_tensor(v, dtype=lin.dtype).to(lin.device)
-        if v.dim() > 1 or (v.dim() == 1 and v.shape[0] != G):
-            raise ValueError(
-                f"{where}: variance has shape {tuple(v.shape)}; expected a scalar or ({G},)."
-            )
-        if not bool(torch.isfinite(v).all()) or bool((v <= 0).any()):
-            raise ValueError(f"{where}: variance must be positive and finite, got {variance!r}.")
-        return v.expand(G).clone() if v.dim() == 0 else v.clone()
-
     def _sqrt_scale(self, ref: Tensor) -> Tensor | None:
         """``S^{1/2}`` per parameter ``(P,)``, or ``None`` when all reference variances are 1."""
         if bool((ref == 1).all()):
@@ -94,7 +81,11 @@ class Preconditioner(ABC):
     def eigenform(self, variance: object = None) -> tuple[EigenPreconditioner, float]:
         """``(eigen-form, c)`` with ``σ² K ≈ c · U diag(d) Uᵀ``; builds or rebuilds lazily."""
         where = f"{type(self).__name__}.eigenform"
-        v = self._ref if variance is None else self._group_variance(where, variance)
+        v = self._ref
+        if variance is not None:
+            space = self.linearization.space
+            v, _ = space.normalize_variance(where, variance, positive=True, convert=True)
+            v = v.detach().expand(space.num_groups).clone()
         ratio = v / self._ref
         spread = float(ratio.max() / ratio.min())
         if spread > self.rebuild_factor:  # adopt the requested ratios as the reference

@@ -221,8 +221,14 @@ def test_predictive_and_prior():
             r"X contains 2 NaN or infinite",
         ),
         (lambda X, y, net: (torch.randn(8, 3), y, net, {}), r"X has shape \(8, 3\)"),
-        (lambda X, y, net: (X, y, net, dict(noise=-0.1)), r"noise must be > 0, got -0\.1"),
-        (lambda X, y, net: (X, y, net, dict(variance=0.0)), r"variance must be > 0, got 0\.0"),
+        (
+            lambda X, y, net: (X, y, net, dict(noise=-0.1)),
+            r"noise must be positive and finite, got -0\.1",
+        ),
+        (
+            lambda X, y, net: (X, y, net, dict(variance=0.0)),
+            r"variance must be positive and finite \(σ² > 0\), got 0\.0",
+        ),
         (
             lambda X, y, net: (X, y, net, dict(variance=torch.ones(3), layer_variances=True)),
             r"variance has shape \(3,\); expected \(2,\)",
