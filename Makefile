@@ -5,7 +5,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 TORCH   := torch==2.13.0
 
-.PHONY: test lint format demo docs bench clean venv
+.PHONY: test lint format demo docs bench wheel clean venv
 
 venv: $(STAMP)
 
@@ -34,8 +34,12 @@ demo: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
+wheel: $(STAMP)  # dist/: the wheel and the sdist (what `pip install pyro-ntk` gets)
+	$(PY) -m pip install -q build
+	$(PY) -m build --outdir dist .
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_engine.py
 
 clean:
-	rm -rf .venv docs/_build .pytest_cache .ruff_cache
+	rm -rf .venv docs/_build .pytest_cache .ruff_cache dist build

@@ -156,7 +156,7 @@ def gpytorch_pivoted_cholesky(lin, X, rank, s2):
     import linear_operator
     from linear_operator.operators import AddedDiagLinearOperator, DiagLinearOperator
 
-    K = NTKLinearOperator(X, linearization=lin)
+    K = NTKLinearOperator(X, network=lin)
     n = K.shape[0]
     A = AddedDiagLinearOperator(
         K, DiagLinearOperator(torch.full((n,), s2, dtype=lin.dtype, device=lin.device))
@@ -341,7 +341,7 @@ def reuse_experiment(lin, X, y_res, steps, args, device):
                         _, t = timed(pre.build, device)
                         setup_total += t
                     override = pre.override(variance.detach())
-                K = NTKLinearOperator(X, variance=variance, linearization=lin)
+                K = NTKLinearOperator(X, variance=variance, network=lin)
                 A = AddedDiagLinearOperator(
                     K, DiagLinearOperator(noise.expand(n)), preconditioner_override=override
                 )

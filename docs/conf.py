@@ -65,6 +65,7 @@ API_MODULES = [
     "likelihoods",
     "laplace",
     "adaptation",
+    "infer",
     "preconditioners",
     "solvers",
     "options",

@@ -1,6 +1,8 @@
 """pyro_ntk: trained neural networks as Gaussian processes with their empirical NTK, in Pyro."""
 
 from pyro_ntk.distributions import LinearizedNetwork as LinearizedNetwork
+from pyro_ntk.infer import FitResult as FitResult
+from pyro_ntk.infer import fit as fit
 from pyro_ntk.kernels import EmpiricalNTK as EmpiricalNTK
 from pyro_ntk.kernels import NTKKernel as NTKKernel
 from pyro_ntk.laplace import LaplaceMethod as LaplaceMethod
@@ -37,6 +39,7 @@ __all__ = [
     "SolverOptions",
     "EmpiricalNTK",
     "FisherLinearOperator",
+    "FitResult",
     "FisherPreconditioner",
     "JacobianLinearOperator",
     "Linearization",
@@ -52,6 +55,7 @@ __all__ = [
     "SolverDiagnostics",
     "__version__",
     "cross_validate_temperature",
+    "fit",
     "gp_class_probabilities",
     "ntk_gp_classifier",
     "make_preconditioner",

@@ -11,9 +11,9 @@ optional observation noise :math:`s^2` and a jitter :math:`\epsilon`.
 
 The density is evaluated by the kernel system of ``(θ*, X)``
 (:class:`~pyro_ntk.gp.NTKSystem`, one cache shared with
-:class:`~pyro_ntk.NTKGPRegression`): exact by Cholesky while ``N·O`` is small, otherwise
-matrix-free preconditioned CG with stochastic Lanczos quadrature
-(:func:`~pyro_ntk.solvers.choose_solver`).
+:class:`~pyro_ntk.NTKGPRegression`): exact while ``N·O`` is small (one eigendecomposition
+for one σ², else Cholesky), otherwise matrix-free preconditioned CG with stochastic Lanczos
+quadrature (:func:`~pyro_ntk.solvers.choose_solver`).
 """
 
 from __future__ import annotations
@@ -60,10 +60,13 @@ class LinearizedNetwork(TorchDistribution):
       ``N × N`` factorization. The ``√(s² + ε) ξ`` term makes the draws come from exactly
       the law whose density :meth:`log_prob` evaluates (σ²K alone is singular when
       ``N·O > P``); it costs ``N·O`` normal draws.
-    * :meth:`log_prob` is exact by Cholesky while ``N·O <= options.max_cholesky_size``
-      (``solver="auto"``), otherwise preconditioned CG + stochastic Lanczos quadrature
-      (``linear_operator.inv_quad_logdet`` on ``NTKLinearOperator + (s² + ε) I``);
-      gradients flow to ``variance`` and ``noise`` tensors either way.
+    * :meth:`log_prob` is exact on the dense route, while ``N·O <= options.max_cholesky_size``
+      (``solver="auto"``): from one eigendecomposition of the kernel, made once, for one σ²
+      (``O(N·O)`` per evaluation after it; :class:`~pyro_ntk.gp.KernelSpectrum`), by Cholesky
+      for per-layer σ² or ``solver="cholesky"``. Otherwise preconditioned CG + stochastic
+      Lanczos quadrature (``linear_operator.inv_quad_logdet`` on
+      ``NTKLinearOperator + (s² + ε) I``). Gradients flow to ``variance`` and ``noise``
+      tensors either way.
 
     Batch shape: broadcast of ``variance``'s batch dims (all of it for a scalar variance,
     all but the last ``G`` for per-layer variances), ``noise``'s shape and the mean's

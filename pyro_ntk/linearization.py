@@ -41,7 +41,6 @@ __all__ = [
     "Linearization",
     "NTKImplementation",
     "as_linearization",
-    "check_linearization",
 ]
 
 
@@ -391,12 +390,3 @@ def as_linearization(
         )
     return Linearization(network, params, chunk_size=chunk_size)
 
-
-def check_linearization(where: str, linearization: object) -> Linearization:
-    """Require a :class:`Linearization` (the shared check of operators, models, solvers)."""
-    if not isinstance(linearization, Linearization):
-        raise TypeError(
-            f"{where}: linearization must be a pyro_ntk.Linearization, "
-            f"got {type(linearization).__name__}."
-        )
-    return linearization

@@ -119,7 +119,7 @@ def _la(likelihood="categorical", d_out=3, **kw):
 
 
 def _fisher(**kw):
-    return pyro_ntk.FisherLinearOperator(_X(), linearization=_lin(), **kw)
+    return pyro_ntk.FisherLinearOperator(_X(), network=_lin(), **kw)
 
 
 def _gpc(y, d_out=3, **kw):
@@ -442,11 +442,11 @@ TABLE = [
         "epsilon",
     ),
     (
-        "fisher_linearization_type",
-        lambda: pyro_ntk.FisherLinearOperator(_X(), linearization=_net()),
+        "fisher_network_type",
+        lambda: pyro_ntk.FisherLinearOperator(_X(), network=_X()),
         TypeError,
         "FisherLinearOperator",
-        "linearization",
+        "network",
     ),
     # ---------------------------------------------------------------- preconditioners
     (
@@ -473,7 +473,7 @@ TABLE = [
     # ---------------------------------------------------------------- operators
     (
         "ntkop_variance_neg",
-        lambda: pyro_ntk.NTKLinearOperator(_X(), variance=-1.0, linearization=_lin()),
+        lambda: pyro_ntk.NTKLinearOperator(_X(), variance=-1.0, network=_lin()),
         ValueError,
         "NTKLinearOperator",
         "variance",
@@ -481,7 +481,7 @@ TABLE = [
     (
         "ntkop_variance_nan",
         lambda: pyro_ntk.NTKLinearOperator(
-            _X(), variance=torch.tensor(float("nan")), linearization=_lin()
+            _X(), variance=torch.tensor(float("nan")), network=_lin()
         ),
         ValueError,
         "NTKLinearOperator",
@@ -489,21 +489,21 @@ TABLE = [
     ),
     (
         "ntkop_X2_features",
-        lambda: pyro_ntk.NTKLinearOperator(_X(), torch.randn(4, 2), linearization=_lin()),
+        lambda: pyro_ntk.NTKLinearOperator(_X(), torch.randn(4, 2), network=_lin()),
         ValueError,
         "NTKLinearOperator",
         "X2",
     ),
     (
-        "jacop_linearization_type",
-        lambda: pyro_ntk.JacobianLinearOperator(_X(), linearization=_net()),
+        "jacop_network_type",
+        lambda: pyro_ntk.JacobianLinearOperator(_X(), network=_X()),
         TypeError,
         "JacobianLinearOperator",
-        "linearization",
+        "network",
     ),
     (
         "jacop_X_inf",
-        lambda: pyro_ntk.JacobianLinearOperator(_inf((8, 3)), linearization=_lin()),
+        lambda: pyro_ntk.JacobianLinearOperator(_inf((8, 3)), network=_lin()),
         ValueError,
         "JacobianLinearOperator",
         "X",

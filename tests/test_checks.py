@@ -254,3 +254,34 @@ def test_check_helpers_name_entry_point_and_argument():
     assert check_positive_int("w", "n", 3) == 3
     with pytest.raises(TypeError, match=r"^w: n must be a positive int, got None"):
         check_positive_int("w", "n", None)
+
+
+# ---- a missing feature or batch dimension on 1-D inputs
+def test_1d_inputs_name_the_shape_they_should_have():
+    from pyro_ntk import EmpiricalNTK
+
+    one = nn.Sequential(nn.Linear(1, H), nn.Tanh(), nn.Linear(H, 1))
+    x = torch.linspace(0, 1, 6)
+    for call, where in (
+        (lambda: Linearization(one).ntk_dense(x), "Linearization.ntk_dense: X1"),
+        (lambda: Linearization(one)(x[:1]), "Linearization: X"),  # N = 1 too
+    ):
+        with pytest.raises(ValueError, match=rf"^{re.escape(where)} has shape \(\d,\); the "
+                           r"network's first layer \(Linear\) takes 1 feature per example, so "
+                           r"X1? should be \(\d, 1\): use X1?\.unsqueeze\(-1\)\.$") as info:  # fmt: skip
+            call()
+        assert isinstance(info.value.__cause__, RuntimeError)
+    # one example of D features without its batch dimension
+    with pytest.raises(ValueError, match=r"X has shape \(3,\); .* takes 3 features per example, "
+                       r"so X should be \(1, 3\) \(one example\): use X\.unsqueeze\(0\)"):  # fmt: skip
+        Linearization(_net())(torch.randn(D))
+    # no fix explains it: torch's error, named and kept as the cause
+    with pytest.raises(ValueError, match=r"^Linearization: X has shape \(4,\) and dtype .*"
+                       r"feature shape \(\) or dtype the network rejects") as info:  # fmt: skip
+        Linearization(_net())(torch.randn(4))
+    assert isinstance(info.value.__cause__, RuntimeError)
+    # the Pyro kernel follows Pyro's convention: (N,) is N inputs of one feature
+    kernel = EmpiricalNTK(one)
+    torch.testing.assert_close(kernel(x), kernel(x.unsqueeze(-1)))
+    with pytest.raises(ValueError, match=r"^EmpiricalNTK: X has shape \(6, 1\)"):
+        EmpiricalNTK(_net())(x)

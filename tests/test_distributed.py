@@ -79,23 +79,23 @@ def _products(comm, out: Path) -> None:
     w = torch.randn(n, 3, generator=gen, dtype=torch.float64)
     (w[frows] * lin.ntk_mvm(Xr, Xr, Vg, variance=sigma2)).sum().backward()
     err["ntk_mvm_grad"] = _rel(Vg.grad, (K @ w)[frows])
-    op = NTKLinearOperator(Xr, variance=sigma2, linearization=lin)
+    op = NTKLinearOperator(Xr, variance=sigma2, network=lin)
     err["ntk_operator"] = _rel(op @ V[frows], (K @ V)[frows])
     err["ntk_dense"] = _rel(lin.ntk_dense(Xr, variance=sigma2), K[frows])
     err["ntk_diag"] = _rel(lin.ntk_diag(Xr, variance=sigma2), K.diagonal()[frows])
 
-    F = FisherLinearOperator(Xr, linearization=lin, noise=0.5)
+    F = FisherLinearOperator(Xr, network=lin, noise=0.5)
     err["fisher_exact"] = _rel(F @ v, J.T @ (J @ v) / 0.5)
-    Fb = FisherLinearOperator(Xr, linearization=lin, likelihood="bernoulli")
+    Fb = FisherLinearOperator(Xr, network=lin, likelihood="bernoulli")
     p = torch.sigmoid(reference_output(net, X)).reshape(n, 1)
     err["fisher_bernoulli"] = _rel(Fb @ v, J.T @ (p * (1 - p) * (J @ v)))
     if R == 2:  # the finite-difference path (its torch.func imports cost ~10 s on 4 ranks)
         Fb_fd = FisherLinearOperator(
-            Xr, linearization=lin, likelihood="bernoulli", method="finite_difference"
+            Xr, network=lin, likelihood="bernoulli", method="finite_difference"
         )
         one = Linearization(net)  # the same finite difference on one process
         Fb_one = FisherLinearOperator(
-            X, linearization=one, likelihood="bernoulli", method="finite_difference"
+            X, network=one, likelihood="bernoulli", method="finite_difference"
         )
         err["fisher_finite_difference"] = _rel(Fb_fd @ v, Fb_one @ v)
 

@@ -178,8 +178,8 @@ def test_no_host_sync_inside_ntk_products(implementation, variance):
     X = torch.randn(7, 3, dtype=torch.float64)
     if variance == "per_group":
         variance = torch.tensor([0.5, 2.0], dtype=torch.float64, requires_grad=True)
-    K = NTKLinearOperator(X, variance=variance, linearization=lin)
-    J = JacobianLinearOperator(X, linearization=lin)
+    K = NTKLinearOperator(X, variance=variance, network=lin)
+    J = JacobianLinearOperator(X, network=lin)
     V = torch.randn(14, 2, dtype=torch.float64)
     want = K.to_dense() @ V
     for _ in range(2):  # the first product builds the engine's per-chunk cache

@@ -89,6 +89,14 @@ def test_layer_variances_and_the_variance_setter():
     torch.testing.assert_close(kernel(X).to_dense(), 2.0 * reference_ntk(net, X), **TOL)
 
 
+def test_variance_given_says_whether_the_user_passed_a_variance():
+    net = mlp()
+    default, given = NTKKernel(net), NTKKernel(net, variance=2.0, output=0)
+    assert default.variance_given is False and given.variance_given is True
+    torch.testing.assert_close(default.variance, torch.tensor(1.0))
+    assert given.groups == default.groups == ["0", "2"]  # output 0: the network's own names
+
+
 def test_image_network_with_input_shape():
     cnn = next(c for c in CASES if c.name == "cnn")
     net, X = cnn.build(n=4)

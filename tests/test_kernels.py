@@ -151,6 +151,15 @@ def test_initial_layer_variance_broadcasts_from_a_scalar():
     torch.testing.assert_close(kernel.variance, torch.full((2,), 0.25))
 
 
+def test_variance_given_says_whether_the_user_passed_a_variance():
+    net = mlp()
+    default, given = EmpiricalNTK(net), EmpiricalNTK(net, variance=1.0)
+    assert default.variance_given is False and given.variance_given is True
+    torch.testing.assert_close(default.variance, given.variance)  # both start at 1
+    shared = EmpiricalNTK(default.linearization, layer_variances=True, variance=[0.5, 2.0])
+    assert shared.variance_given and shared.linearization is default.linearization
+
+
 # ---------------------------------------------------------------------------- outputs, inputs
 @pytest.mark.parametrize("k", [0, 2])
 def test_output_k_is_that_outputs_kernel(k):

@@ -14,6 +14,7 @@ without a walker here (or a documented exclusion).
 from __future__ import annotations
 
 import copy
+import warnings
 
 import gpytorch
 import pyro
@@ -41,6 +42,7 @@ EXCLUDED = {
     "Likelihood": "an enum of likelihood names",
     "FisherMethod": "an enum of Fisher-product methods",
     "LaplaceMethod": "an enum of Laplace routes",
+    "FitResult": "a record returned by fit (checked in the fit walk)",
 }
 
 
@@ -86,7 +88,7 @@ def walk_linearization(net):
 def walk_jacobian_operator(net):
     X = _data()
     lin = pyro_ntk.Linearization(net)
-    J = pyro_ntk.JacobianLinearOperator(X, linearization=lin)
+    J = pyro_ntk.JacobianLinearOperator(X, network=lin)
     J @ torch.randn(J.shape[-1], 2)
     J.mT @ torch.randn(J.shape[0], 2)
     J.to_dense()
@@ -96,7 +98,7 @@ def walk_ntk_operator(net):
     X = _data()
     lin = pyro_ntk.Linearization(net)
     v = torch.tensor(0.7, requires_grad=True)
-    K = pyro_ntk.NTKLinearOperator(X, variance=v, linearization=lin)
+    K = pyro_ntk.NTKLinearOperator(X, variance=v, network=lin)
     A = AddedDiagLinearOperator(K, DiagLinearOperator(torch.full((K.shape[0],), 0.1)))
     b = torch.randn(K.shape[0])
     (A.solve(b).sum() + A.logdet()).backward()
@@ -201,6 +203,27 @@ def walk_linearized_model(net):
     pyro.clear_param_store()
 
 
+def walk_fit(net):
+    X, y = _data(), torch.randn(8)
+    lm = pyro_ntk.LinearizedModel(net, variance=0.5)
+
+    def model(X, y=None):
+        f = lm(X)
+        with pyro.plate("data", X.shape[0]):
+            return pyro.sample("y", dist.Normal(f, 0.3), obs=y)
+
+    pyro.clear_param_store()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a few steps: unconverged on purpose
+        gpr = pyro_ntk.NTKGPRegression(X, y, net)
+        assert isinstance(pyro_ntk.fit(gpr, max_steps=3, progress=False), pyro_ntk.FitResult)
+        guide = pyro.infer.autoguide.AutoNormal(model)
+        pyro_ntk.fit(model, X, y, guide=guide, max_steps=3, progress=False)
+        la = pyro_ntk.LinearizedLaplace(net, "gaussian", noise=0.1)
+        pyro_ntk.fit(la, X, y, max_steps=2, progress=False)
+    pyro.clear_param_store()
+
+
 def walk_linearized_laplace(net3):
     X, y = _data(10), torch.randint(0, 3, (10,))
     la = pyro_ntk.LinearizedLaplace(net3, "categorical", variance=1.0)
@@ -223,7 +246,7 @@ def walk_fisher(net):
     X = _data()
     lin = pyro_ntk.Linearization(net)
     for method in ("exact", "finite_difference"):
-        F = pyro_ntk.FisherLinearOperator(X, linearization=lin, noise=0.5, method=method)
+        F = pyro_ntk.FisherLinearOperator(X, network=lin, noise=0.5, method=method)
         F @ torch.randn(lin.num_params, 2)
         F.diagonal()
 
@@ -260,6 +283,7 @@ WALKS = {
     "LinearizedNetwork": (walk_linearized_network, 2),
     "NTKGPRegression": (walk_ntk_gp_regression, 1),
     "LinearizedModel": (walk_linearized_model, 1),
+    "fit": (walk_fit, 1),
     "LinearizedLaplace": (walk_linearized_laplace, 3),
     "cross_validate_temperature": (walk_cross_validate_temperature, 3),
     "FisherLinearOperator": (walk_fisher, 2),

@@ -93,6 +93,26 @@ def test_full_rank_preconditioner_is_the_operator(make):
     assert_unchanged(net, before)
 
 
+@pytest.mark.parametrize("kind", ["fisher", "nystrom", "pivoted_cholesky"])
+def test_preconditioner_from_a_module_equals_the_one_from_its_linearization(kind):
+    """``network`` may be the module (with ``params``, ``chunk_size``) or its Linearization."""
+    net, X = _small(n=12, out=2)
+    before = snapshot(net)
+    last = ["2.weight", "2.bias"]  # P = 18 linearized parameters, n = 24
+    common = dict(rank=24, seed=3, variance=0.7)  # full rank: M = 0.7 K + 0.05 I
+    if kind == "pivoted_cholesky":
+        common["error_tol"] = 1e-14
+    from_module = make_preconditioner(kind, net, X, params=last, chunk_size=5, **common)
+    lin = Linearization(net, params=last, chunk_size=5)
+    from_lin = make_preconditioner(kind, lin, X, **common)
+    assert from_module.linearization.num_params == lin.num_params == 18
+    M, Ml = from_module.to_dense(0.7, 0.05), from_lin.to_dense(0.7, 0.05)
+    torch.testing.assert_close(M, Ml, rtol=1e-10, atol=1e-12)
+    K = reference_ntk(net, X, params=last)
+    torch.testing.assert_close(M, 0.7 * K + 0.05 * torch.eye(24), rtol=1e-7, atol=1e-8)
+    assert_unchanged(net, before)
+
+
 def test_low_rank_fisher_captures_the_top_of_the_spectrum():
     net, X = _small(n=40)
     lin = _lin(net)
@@ -214,7 +234,7 @@ def test_override_in_linear_operator_solve_and_logdet(kind):
     net, X = _small(n=40)
     lin = _lin(net)
     variance = torch.tensor([0.5, 2.0])
-    K = NTKLinearOperator(X, variance=variance, linearization=lin)
+    K = NTKLinearOperator(X, variance=variance, network=lin)
     noise = torch.full((40,), 0.05)
     pre = make_preconditioner(kind, lin, X, rank=40)
     A = AddedDiagLinearOperator(
@@ -239,13 +259,13 @@ def test_override_reads_noise_and_variance_from_the_operator():
     net, X = _small(n=20)
     lin = _lin(net)
     pre = FisherPreconditioner(lin, X, rank=5)
-    K = NTKLinearOperator(X, variance=torch.tensor(3.0), linearization=lin)
+    K = NTKLinearOperator(X, variance=torch.tensor(3.0), network=lin)
     A = AddedDiagLinearOperator(K, DiagLinearOperator(torch.full((20,), 0.2)))
     closure, lt, logdet = pre.override()(A)
     torch.testing.assert_close(lt.to_dense(), pre.to_dense(3.0, 0.2))
     torch.testing.assert_close(logdet, pre.logdet(3.0, 0.2))
     other = AddedDiagLinearOperator(
-        NTKLinearOperator(X[:5], linearization=lin), DiagLinearOperator(torch.ones(5))
+        NTKLinearOperator(X[:5], network=lin), DiagLinearOperator(torch.ones(5))
     )
     with pytest.raises(ValueError, match="built for \\(20, 20\\)"):
         pre.override()(other)
@@ -257,8 +277,15 @@ def test_make_preconditioner_validates():
     lin = _lin(net)
     with pytest.raises(ValueError, match="make_preconditioner: kind"):
         make_preconditioner("jacobi", lin, X)
-    with pytest.raises(TypeError, match="FisherPreconditioner: linearization"):
-        FisherPreconditioner(net, X)
+    with pytest.raises(
+        TypeError,
+        match="FisherPreconditioner: network must be a torch.nn.Module or a pyro_ntk.Linearization, got Tensor",
+    ):
+        FisherPreconditioner(X, X)
+    with pytest.raises(TypeError, match="NystromPreconditioner: network must be .* got str"):
+        make_preconditioner("nystrom", "net", X)
+    with pytest.raises(ValueError, match="PivotedCholeskyPreconditioner: params and chunk_size"):
+        PivotedCholeskyPreconditioner(lin, X, chunk_size=4)
     with pytest.raises(ValueError, match="sketch must be"):
         FisherPreconditioner(lin, X, sketch="both")
     with pytest.raises(ValueError, match="rank must be a positive int"):
@@ -326,7 +353,7 @@ def test_preconditioned_solve_on_cuda_matches_cpu():
         lin = _lin(netd)
         Xd = X.to(device)
         pre = FisherPreconditioner(lin, Xd, rank=20, seed=0)
-        K = NTKLinearOperator(Xd, variance=torch.tensor(1.0, device=device), linearization=lin)
+        K = NTKLinearOperator(Xd, variance=torch.tensor(1.0, device=device), network=lin)
 
         def A(V, K=K):
             return K @ V + 1e-2 * V

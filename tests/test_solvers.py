@@ -109,7 +109,7 @@ def test_damped_fisher_solve_with_eigen_preconditioner():
     before = snapshot(net)
     lin = Linearization(net, implementation="functorch")
     X = torch.randn(40, 3)
-    F = FisherLinearOperator(X, linearization=lin, likelihood="categorical")
+    F = FisherLinearOperator(X, network=lin, likelihood="categorical")
     P = lin.num_params
     b = torch.randn(P, 2)
     delta = 1e-3
@@ -261,7 +261,7 @@ def test_regression_posterior_mean_escalates_to_the_exact_mean():
     net, X, _ = _ntk_case()
     y = torch.randn(30)
     Xs = torch.randn(5, 2)
-    opts = dict(noise=torch.tensor(1e-4), jitter=0.0, num_posterior_samples=4)
+    opts = dict(noise=torch.tensor(1e-4), variance=1.0, jitter=0.0, num_posterior_samples=4)
     exact = NTKGPRegression(X, y, net, **opts, options=SolverOptions(solver="cholesky"))
     cg = NTKGPRegression(X, y, net, **opts,
         options=SolverOptions(solver="cg", preconditioner="fisher", preconditioner_rank=2, max_cg_iterations=3, cg_tolerance=1e-10),

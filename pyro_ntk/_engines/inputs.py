@@ -185,13 +185,13 @@ class InputGate:
         feature_shape = tuple(X.shape[1:])
         key = (feature_shape, str(X.dtype))  # integer inputs (token ids) vary in dtype
         if key not in self.accepted:
-            try:
-                with eval_mode(self.network):
-                    out = self.engine.forward(X[:1].clone())  # a forward may write its input
+            try:  # two rows (one repeated when N = 1): a batch, as every product sends
+                out = self._forward(probe_rows(X, 2))
             except (RuntimeError, ValueError, TypeError, IndexError) as exc:
                 seen = f" (accepted so far: {sorted(self.accepted)})" if self.accepted else ""
                 raise ValueError(
-                    f"{where}: {name} has shape {tuple(X.shape)} and dtype {X.dtype}, whose "
+                    self._shape_hint(where, name, X)
+                    or f"{where}: {name} has shape {tuple(X.shape)} and dtype {X.dtype}, whose "
                     f"feature shape {feature_shape} or dtype the network rejects{seen}: {exc}"
                 ) from exc
             self._check_differentiable(where, X[:1].clone())
@@ -206,6 +206,41 @@ class InputGate:
             self.accepted.add(key)
         self.validated.add(X)
         return X
+
+    def _forward(self, rows: Tensor) -> Tensor:
+        with eval_mode(self.network):
+            return self.engine.forward(rows)  # rows is a private copy: a forward may write it
+
+    def _shape_hint(self, where: str, name: str, X: Tensor) -> str:
+        """The message for a 1-D ``X`` that a missing feature or batch dim explains, else ``""``.
+
+        ``(N,)`` for a network of one input feature (``X.unsqueeze(-1)`` runs), or one
+        example of ``k`` features without its batch dim (``X.unsqueeze(0)`` runs).
+        """
+        if X.dim() != 1:
+            return ""
+        N = X.shape[0]
+        modules = self.network.modules()
+        first = next((m for m in modules if isinstance(getattr(m, "in_features", None), int)), None)
+        layer = "" if first is None else f"first layer ({type(first).__name__}) "
+        for fix, rows, shape, k in (
+            ("unsqueeze(-1)", probe_rows(X, 2).unsqueeze(-1), f"({N}, 1)", 1),
+            ("unsqueeze(0)", X[None].clone(), f"(1, {N})", N),
+        ):
+            if first is not None and first.in_features != k:
+                continue
+            try:
+                self._forward(rows)
+            except (RuntimeError, ValueError, TypeError, IndexError):
+                continue
+            what = "1 feature" if k == 1 else f"{k} features"
+            return (
+                f"{where}: {name} has shape ({N},); the network's {layer}takes {what} per "
+                f"example, so {name} should be {shape}"
+                + (" (one example)" if k == N > 1 else "")
+                + f": use {name}.{fix}."
+            )
+        return ""
 
     def _preflight(self, where: str, X: Tensor) -> Reference:
         """Establish what holds for this input signature; prove the engine's routes on it."""

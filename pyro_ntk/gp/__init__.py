@@ -5,9 +5,12 @@ r"""The function-space Gaussian of a linearized network, below the Pyro layer.
 * :mod:`pyro_ntk.gp.system`: :class:`NTKSystem`, the cached kernel or operator of one
   ``(θ*, X)``, its factor and preconditioners, its solves.
 * :mod:`pyro_ntk.gp.log_density`: the log-density by Cholesky or by mBCG + SLQ, escalated.
+* :mod:`pyro_ntk.gp.spectral`: the dense log-density from one eigendecomposition of ``K``.
 * :mod:`pyro_ntk.gp.posterior`: mean, variances, covariance and pathwise draws at test inputs.
+* :mod:`pyro_ntk.gp.initial`: data-aware starting values of ``s²`` and ``σ²``.
 """
 
+from pyro_ntk.gp.initial import initial_hyperparameters as initial_hyperparameters
 from pyro_ntk.gp.log_density import cholesky_log_prob as cholesky_log_prob
 from pyro_ntk.gp.log_density import linear_operator_settings as linear_operator_settings
 from pyro_ntk.gp.log_density import mbcg_log_prob as mbcg_log_prob
@@ -17,19 +20,24 @@ from pyro_ntk.gp.posterior import conditional_covariance as conditional_covarian
 from pyro_ntk.gp.posterior import explained_covariance as explained_covariance
 from pyro_ntk.gp.posterior import pathwise_covariance as pathwise_covariance
 from pyro_ntk.gp.posterior import pathwise_posterior as pathwise_posterior
+from pyro_ntk.gp.spectral import KernelSpectrum as KernelSpectrum
+from pyro_ntk.gp.spectral import spectral_log_prob as spectral_log_prob
 from pyro_ntk.gp.system import ESCALATION_RANK_FACTOR as ESCALATION_RANK_FACTOR
 from pyro_ntk.gp.system import NTKSystem as NTKSystem
 
 __all__ = [
     "ESCALATION_RANK_FACTOR",
+    "KernelSpectrum",
     "NTKSystem",
     "add_noise",
     "cholesky_log_prob",
     "cholesky_posterior",
     "conditional_covariance",
     "explained_covariance",
+    "initial_hyperparameters",
     "linear_operator_settings",
     "mbcg_log_prob",
     "pathwise_covariance",
     "pathwise_posterior",
+    "spectral_log_prob",
 ]

@@ -11,7 +11,10 @@ shared by :class:`~pyro_ntk.LinearizedNetwork` (its log-density) and
 
 * ``"cholesky"``: the dense ``(N·O) × (N·O)`` kernel (per parameter group when the
   variances are per layer) is built **once** and recombined for every σ²; ``O((N·O)³)``
-  per evaluation, exact.
+  per evaluation, exact. With ``solver="auto"``, one σ² and one ``d``, the log-density
+  comes instead from one eigendecomposition of ``K`` made once per data set, at the second
+  evaluation (:class:`~pyro_ntk.gp.spectral.KernelSpectrum`): ``O(N·O)`` per evaluation
+  after it. ``solver="cholesky"`` keeps the factor at every evaluation.
 * ``"cg"``: matrix-free, :class:`pyro_ntk.operators.NTKLinearOperator` plus a diagonal,
   with the preconditioner of :func:`pyro_ntk.preconditioners.make_preconditioner` (built
   once, reused for every σ² and s²); ``O(iterations × (one JVP + one VJP over X))``. An
@@ -20,7 +23,8 @@ shared by :class:`~pyro_ntk.LinearizedNetwork` (its log-density) and
 
 from __future__ import annotations
 
-import math
+import itertools
+import warnings
 
 import torch
 from linear_operator.operators import AddedDiagLinearOperator, DiagLinearOperator
@@ -28,6 +32,7 @@ from torch import Tensor
 
 from pyro_ntk.gp.log_density import cholesky_log_prob, linear_operator_settings, mbcg_log_prob
 from pyro_ntk.gp.posterior import cholesky_posterior, pathwise_covariance, pathwise_posterior
+from pyro_ntk.gp.spectral import KernelSpectrum
 from pyro_ntk.linearization import Linearization
 from pyro_ntk.operators.ntk import NTKLinearOperator
 from pyro_ntk.options import PreconditionerKind, Solver, SolverOptions
@@ -99,6 +104,11 @@ class NTKSystem:
             )
         else:
             self.method = options.solver.value
+        self.spectral = options.solver == Solver.AUTO  # the eigen route on the dense method
+        self._spectrum: KernelSpectrum | None | bool = False  # False: not made yet
+        self._dense_calls = 0
+        self.warned_precision = False  # one float32/jitter warning per system (first figures)
+        self.last_route: str | None = None  # "spectral", "cholesky" or "cg": last log_prob
         self._K: Tensor | None = None  # (N·O, N·O), σ² = 1
         self._K_groups: Tensor | None = None  # (G, N·O, N·O)
         self._diag_groups: Tensor | None = None  # (G, N·O)
@@ -151,12 +161,30 @@ class NTKSystem:
     def dense_factor(self, variance: Tensor, layer: bool, diag: Tensor) -> tuple[Tensor, Tensor]:
         """Dense ``A = σ²K + diag·I`` and its Cholesky factor ``L``.
 
-        On failure a growing jitter is added, with a warning
-        (:func:`pyro_ntk.solvers.cholesky_with_jitter`).
+        On failure a growing jitter is added (:func:`pyro_ntk.solvers.cholesky_with_jitter`),
+        with a warning unless :attr:`warned_precision` (one such warning per system, the first
+        one's figures standing for a fit's later steps); a failure even with jitter raises.
         """
         A = self.kernel(variance, layer)
         A = A + diag[..., None, None] * torch.eye(self.size, dtype=A.dtype, device=A.device)
-        return A, cholesky_with_jitter(A, where=self.where)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            L = cholesky_with_jitter(A, where=self.where)
+        for w in caught[: 0 if self.warned_precision else None]:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        self.warned_precision = self.warned_precision or bool(caught)
+        return A, L
+
+    def spectrum(self) -> KernelSpectrum | None:
+        """``K = Q diag(λ) Qᵀ`` at σ² = 1, made once (``None``: not PSD, warned once).
+
+        :meth:`log_prob` makes it at its second dense evaluation, so that a one-off density
+        (a ``LinearizedNetwork`` built per call) pays one factor, not a decomposition.
+        """
+        if self._spectrum is False:
+            one = torch.ones((), dtype=self.lin.dtype, device=self.lin.device)
+            self._spectrum = KernelSpectrum.of(self.kernel(one, False), where=self.where)
+        return self._spectrum
 
     def _fallback_factor(self, variance: Tensor, layer: bool, diag: Tensor, what: str) -> Tensor:
         """The escalation's last step: the dense factor, memory guard first."""
@@ -207,7 +235,7 @@ class NTKSystem:
 
         ``preconditioner``: one to attach instead of :meth:`preconditioner` (escalation).
         """
-        K = NTKLinearOperator(self.X, variance=variance, linearization=self.lin)
+        K = NTKLinearOperator(self.X, variance=variance, network=self.lin)
         D = DiagLinearOperator(diag.expand(self.size))
         precond = self.preconditioner() if preconditioner is None else preconditioner
         return AddedDiagLinearOperator(
@@ -220,21 +248,37 @@ class NTKSystem:
 
         .. math:: -\tfrac12\big(r^\top A^{-1} r + \log|A| + n \log 2\pi\big)
 
-        Cholesky route: :func:`~pyro_ntk.gp.cholesky_log_prob`. CG route:
-        :func:`~pyro_ntk.gp.mbcg_log_prob` once per distinct hyperparameter value, all
-        samples (leading dims of ``diff``) solved together; :attr:`last_log_prob` records it.
+        Dense route, one σ² (``solver="auto"``), from the second evaluation on (or once
+        :meth:`spectrum` is made): :class:`~pyro_ntk.gp.spectral.KernelSpectrum`, ``O(N·O)``;
+        else (per-layer σ², ``solver="cholesky"``, a kernel that is not PSD, a singular ``A``)
+        :func:`~pyro_ntk.gp.cholesky_log_prob`.
+        CG route: :func:`~pyro_ntk.gp.mbcg_log_prob` once per distinct hyperparameter value,
+        all samples (leading dims of ``diff``) solved together; :attr:`last_log_prob` records
+        it. :attr:`last_route` names the route taken.
         """
         vbatch = variance.shape[:-1] if layer else variance.shape
         batch = torch.broadcast_shapes(vbatch, diag.shape, diff.shape[:-1])
         if self.method == "cholesky":
+            again, self._dense_calls = self._dense_calls > 0, self._dense_calls + 1
+            eligible = self.spectral and (not layer or variance.shape[-1] == 1)
+            spec = self.spectrum() if eligible and (again or self._spectrum) else None
+            if spec is not None:
+                spec.warned_precision |= self.warned_precision
+                lp = spec.log_prob(diff, variance[..., 0] if layer else variance, diag)
+                self.warned_precision = spec.warned_precision
+                if lp is not None:
+                    self.last_route = "spectral"
+                    return lp
+            self.last_route = "cholesky"
             return cholesky_log_prob(diff, self.dense_factor(variance, layer, diag)[1])
+        self.last_route = "cg"
         k = len(batch) - len(torch.broadcast_shapes(vbatch, diag.shape))
         pshape = batch[k:]
         diff = diff.expand(batch + (self.size,))
         v = variance.expand(pshape + ((variance.shape[-1],) if layer else ()))
         d = diag.expand(pshape)
         results = []
-        for idx in _ndindex(pshape):
+        for idx in itertools.product(*map(range, pshape)):  # () once when unbatched
             rhs = diff[(Ellipsis,) + idx + (slice(None),)]
             cols = rhs.reshape(-1, self.size).T  # (N·O, columns)
             vi, di = v[idx], d[idx]
@@ -349,15 +393,3 @@ class NTKSystem:
             lambda rhs: self.solve(rhs, variance, layer, diag), num_samples, seed,
         )  # fmt: skip
         return shift, pathwise_covariance(dev, full_cov=full_cov)
-
-
-def _ndindex(shape: torch.Size):
-    if not shape:
-        yield ()
-        return
-    for flat in range(math.prod(shape)):
-        idx, rest = [], flat
-        for s in reversed(shape):
-            idx.append(rest % s)
-            rest //= s
-        yield tuple(reversed(idx))

@@ -1,10 +1,12 @@
-"""Selecting one output of a network without touching it (shared by the kernels).
+"""What the two NTK kernels share: the linearization of a network or of one of its outputs.
 
 :class:`SelectOutput` is a thin ``nn.Module`` that *refers* to the user's network (its
 parameters are the network's own, under the prefix ``network.``); a
 :class:`~pyro_ntk.Linearization` of it copies θ* as usual, so the user's network is never
 wrapped, mutated or trained. The helpers translate parameter selectors and group names
-between the network's naming and the wrapper's.
+between the network's naming and the wrapper's. :class:`LinearizedKernel` holds the
+linearization, its groups and the initial σ² of :class:`~pyro_ntk.EmpiricalNTK` and
+:class:`~pyro_ntk.NTKKernel`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from pyro_ntk.linearization import Linearization, as_linearization
-from pyro_ntk.parameters import ParamSelector
+from pyro_ntk.parameters import ParamSelector, normalize_variance
 
 PREFIX = "network."
 
@@ -90,11 +92,13 @@ def output_linearization(
 ) -> Linearization:
     """The :class:`~pyro_ntk.Linearization` of ``network`` (``output=None``) or of its output ``k``.
 
-    A plain object, not an ``nn.Module``: it holds θ* as plain tensors, so a kernel that keeps
-    it as an attribute never takes the network into its own module tree. A ``Linearization``
-    is used as it is (a kernel and a mean built from it share one θ* copy); narrowing one to a
-    single output needs the network itself.
+    ``output`` is checked first (:func:`check_output`). A plain object, not an ``nn.Module``:
+    it holds θ* as plain tensors, so a kernel that keeps it as an attribute never takes the
+    network into its own module tree. A ``Linearization`` is used as it is (a kernel and a
+    mean built from it share one θ* copy); narrowing one to a single output needs the network
+    itself.
     """
+    output = check_output(where, output)
     if output is None or not isinstance(network, nn.Module):
         if output is not None and isinstance(network, Linearization):
             raise ValueError(
@@ -109,3 +113,54 @@ def output_linearization(
 def unprefixed_group(group: str) -> str:
     """The network's own name for a group of ``SelectOutput(network)``."""
     return group[len(PREFIX) :] if group.startswith(PREFIX) else ""
+
+
+class LinearizedKernel:
+    r"""The base of the NTK kernels: the linearization, its groups and the initial σ².
+
+    A mixin beside the framework's kernel class (Pyro's or GPyTorch's). After the framework's
+    ``__init__``, :meth:`_keep_linearization` stores the linearization (a plain attribute:
+    θ* never enters the kernel's ``parameters()``) and returns the initial σ².
+    """
+
+    _lin: Linearization
+    output: int | None
+    layer_variances: bool
+    # whether the user passed ``variance`` (False: it defaulted to 1, and pyro_ntk.fit may
+    # start it at the data-aware value, then set it to True)
+    variance_given: bool
+
+    def _keep_linearization(
+        self,
+        where: str,
+        lin: Linearization,
+        output: int | None,
+        variance: Tensor | float | None,
+        layer_variances: bool,
+    ) -> Tensor:
+        """Store ``lin`` and ``output``; the initial σ², ``()`` or ``(G,)``, detached."""
+        self._lin = lin
+        self.output = output
+        self.variance_given = variance is not None
+        init, self.layer_variances = normalize_variance(
+            where,
+            variance,
+            self.groups,
+            lin.dtype,
+            lin.device,
+            layer_variances,
+            positive=True,
+            convert=True,
+        )
+        return init.detach().clone()
+
+    @property
+    def linearization(self) -> Linearization:
+        """The :class:`pyro_ntk.Linearization` this kernel is built on (θ* copied)."""
+        return self._lin
+
+    @property
+    def groups(self) -> list[str]:
+        """The layers (parameter groups), in the order of a per-layer ``variance``."""
+        groups = self._lin.groups
+        return groups if self.output is None else [unprefixed_group(g) for g in groups]

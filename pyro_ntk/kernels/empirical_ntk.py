@@ -19,9 +19,9 @@ from pyro.nn.module import PyroParam
 from torch import Tensor, nn
 
 from pyro_ntk._checks import check_tensor
-from pyro_ntk.kernels._output import check_output, output_linearization, unprefixed_group
+from pyro_ntk.kernels._output import LinearizedKernel, output_linearization
 from pyro_ntk.linearization import Linearization
-from pyro_ntk.parameters import ParamSelector, normalize_variance
+from pyro_ntk.parameters import ParamSelector
 
 
 def infer_input_dim(network: nn.Module) -> int | None:
@@ -32,7 +32,7 @@ def infer_input_dim(network: nn.Module) -> int | None:
     return None
 
 
-class EmpiricalNTK(Kernel):
+class EmpiricalNTK(LinearizedKernel, Kernel):
     r"""The empirical neural tangent kernel of a trained network, for ``pyro.contrib.gp``.
 
     .. math::
@@ -79,15 +79,21 @@ class EmpiricalNTK(Kernel):
         input_dim: number of input features of 2-D ``X``, as in Pyro's kernels; ``None``:
             ``len(active_dims)``, or inferred from a leading ``nn.Linear`` (then no input
             slicing happens), or ``None`` for other networks (images).
-        variance: initial σ² > 0 (default 1): a scalar, or with ``layer_variances=True`` a
-            scalar or one value per layer ``(G,)``. A ``PyroParam`` constrained positive;
-            assign ``kernel.variance = PyroSample(prior)`` for a prior.
+        variance: initial σ² > 0 (``None``: 1, and :attr:`variance_given` is ``False``): a
+            scalar, or with ``layer_variances=True`` a scalar or one value per layer
+            ``(G,)``. A ``PyroParam`` constrained positive; assign
+            ``kernel.variance = PyroSample(prior)`` for a prior.
         layer_variances: one σ_g² per parameter group (layer) instead of one σ².
         output: ``None`` (the only output, or the average over outputs) or an output index.
         params: which parameters to linearize (names, a predicate ``(name, p) -> bool`` or
             ``None`` for all with ``requires_grad``), as :class:`pyro_ntk.Linearization`.
         active_dims: columns of 2-D ``X`` that the network reads (default: all).
         chunk_size: inputs per chunk in the Jacobian computations (``None``: all at once).
+
+    Attributes:
+        variance_given: ``True`` when ``variance`` was passed, ``False`` when it defaulted;
+            :func:`pyro_ntk.fit` starts a defaulted σ² at the data-aware value
+            (:func:`pyro_ntk.gp.initial_hyperparameters`) and then sets it to ``True``.
 
     Example:
         >>> import pyro.contrib.gp as gp
@@ -114,7 +120,6 @@ class EmpiricalNTK(Kernel):
         chunk_size: int | None = None,
     ):
         where = "EmpiricalNTK"
-        output = check_output(where, output)
         slicing = input_dim is not None or active_dims is not None
         if input_dim is None and active_dims is not None:
             input_dim = len(active_dims)
@@ -124,34 +129,10 @@ class EmpiricalNTK(Kernel):
         if inferred is None:
             self.input_dim, self.active_dims = None, None
         self._slicing = slicing
-        self.output = output
-
-        # a plain object outside this kernel's module tree (so is the network)
-        self._lin = lin
-        init, self.layer_variances = normalize_variance(
-            where,
-            variance,
-            self.groups,
-            lin.dtype,
-            lin.device,
-            layer_variances,
-            positive=True,
-            convert=True,
-        )
-        self.variance = PyroParam(init.detach().clone(), constraints.positive)
+        init = self._keep_linearization(where, lin, output, variance, layer_variances)
+        self.variance = PyroParam(init, constraints.positive)
 
     # ------------------------------------------------------------------ introspection
-    @property
-    def linearization(self) -> Linearization:
-        """The :class:`pyro_ntk.Linearization` this kernel is built on (θ* copied)."""
-        return self._lin
-
-    @property
-    def groups(self) -> list[str]:
-        """The layers (parameter groups) in the order of a per-layer :attr:`variance`."""
-        groups = self._lin.groups
-        return groups if self.output is None else [unprefixed_group(g) for g in groups]
-
     def _fitted_variance(self) -> Tensor:
         """:attr:`variance` in guide mode (the fitted value, also under a ``PyroSample``)."""
         mode = self.mode

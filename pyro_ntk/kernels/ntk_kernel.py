@@ -19,13 +19,13 @@ from gpytorch.kernels import Kernel
 from gpytorch.priors import Prior
 from torch import Tensor, nn
 
-from pyro_ntk.kernels._output import check_output, output_linearization, unprefixed_group
+from pyro_ntk.kernels._output import LinearizedKernel, output_linearization
 from pyro_ntk.linearization import Linearization
 from pyro_ntk.operators import NTKLinearOperator
-from pyro_ntk.parameters import ParamSelector, normalize_variance
+from pyro_ntk.parameters import ParamSelector
 
 
-class NTKKernel(Kernel):
+class NTKKernel(LinearizedKernel, Kernel):
     r"""The empirical neural tangent kernel of a trained network, for GPyTorch.
 
     .. math::
@@ -64,8 +64,8 @@ class NTKKernel(Kernel):
             its θ* copy (with ``output=None``).
         params: which parameters to linearize (names, a predicate ``(name, p) -> bool`` or
             ``None`` for all with ``requires_grad``).
-        variance: initial σ² > 0 (default 1): a scalar, or ``(G,)`` with
-            ``layer_variances=True``.
+        variance: initial σ² > 0 (``None``: 1, and :attr:`variance_given` is ``False``): a
+            scalar, or ``(G,)`` with ``layer_variances=True``.
         variance_constraint: constraint on σ² (default ``Positive()``).
         variance_prior: optional prior on σ² (registered as ``variance_prior``).
         layer_variances: one σ_g² per parameter group (layer).
@@ -74,6 +74,10 @@ class NTKKernel(Kernel):
         chunk_size: inputs per chunk in the Jacobian products (``None``: all at once).
         **kwargs: passed to :class:`gpytorch.kernels.Kernel` (``batch_shape``,
             ``active_dims``).
+
+    Attributes:
+        variance_given: ``True`` when ``variance`` was passed, ``False`` when it defaulted
+            (a caller may then start σ² at a data-aware value and set it to ``True``).
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
@@ -102,13 +106,8 @@ class NTKKernel(Kernel):
         **kwargs,
     ):
         where = "NTKKernel"
-        if not isinstance(network, (nn.Module, Linearization)):
-            raise TypeError(
-                f"{where}: network must be a torch.nn.Module or a pyro_ntk.Linearization, got "
-                f"{type(network).__name__}."
-            )
+        lin = output_linearization(network, params, output, chunk_size, where)
         super().__init__(**kwargs)
-        self.output = check_output(where, output)
         if input_shape is not None:
             input_shape = tuple(input_shape)
             if not input_shape or not all(isinstance(s, int) and s > 0 for s in input_shape):
@@ -117,19 +116,7 @@ class NTKKernel(Kernel):
                     f"{input_shape!r}."
                 )
         self.input_shape = input_shape
-        # a plain attribute outside the module tree: θ* copies, never trained
-        self._lin = output_linearization(network, params, self.output, chunk_size, where)
-        init, self.layer_variances = normalize_variance(
-            where,
-            variance,
-            self.groups,
-            self._lin.dtype,
-            self._lin.device,
-            layer_variances,
-            positive=True,
-            convert=True,
-        )
-        init = init.detach().clone()
+        init = self._keep_linearization(where, lin, output, variance, layer_variances)
         if variance_constraint is None:
             variance_constraint = Positive()
         shape = (*self.batch_shape, *init.shape)
@@ -163,17 +150,6 @@ class NTKKernel(Kernel):
         if not torch.is_tensor(value):
             value = torch.as_tensor(value).to(self.raw_variance)
         self.initialize(raw_variance=self.raw_variance_constraint.inverse_transform(value))
-
-    @property
-    def linearization(self) -> Linearization:
-        """The :class:`pyro_ntk.Linearization` the kernel uses (θ* copied)."""
-        return self._lin
-
-    @property
-    def groups(self) -> list[str]:
-        """The layers (parameter groups), in the order of a per-layer :attr:`variance`."""
-        groups = self._lin.groups
-        return groups if self.output is None else [unprefixed_group(g) for g in groups]
 
     def _apply(self, fn, *args, **kwargs):
         # .to / .double / .float / .cuda: convert the θ* copy along with raw_variance.
@@ -224,7 +200,7 @@ class NTKKernel(Kernel):
         if len(batch) == 0:
             X1 = self._network_input("x1", x1)
             X2 = X1 if x2 is x1 else self._network_input("x2", x2)
-            K = NTKLinearOperator(X1, X2, variance, linearization=self._lin)
+            K = NTKLinearOperator(X1, X2, variance, network=self._lin)
             return K.diagonal() if diag else K
         # Batched inputs or kernel: dense, one batch element at a time.
         G = (variance.shape[-1],) if self.layer_variances else ()
@@ -235,7 +211,7 @@ class NTKKernel(Kernel):
         for a, b, v in zip(x1, x2, variance):
             X1 = self._network_input("x1", a)
             X2 = self._network_input("x2", b)
-            K = NTKLinearOperator(X1, X2, v, linearization=self._lin)
+            K = NTKLinearOperator(X1, X2, v, network=self._lin)
             out.append(K.diagonal() if diag else K.to_dense())
         out = torch.stack(out)
         return out.reshape(*batch, *out.shape[1:])

@@ -82,13 +82,17 @@ class FunctionSpaceMAP:
             )
         )  # fmt: skip
 
-    def log_variance_bounds(self) -> tuple[Tensor, Tensor]:
-        """``log σ_g²`` bounds: prior logit variances between 1e-12 and 1e6 per group.
+    def log_variance_bounds(self, per_group: bool = True) -> tuple[Tensor, Tensor]:
+        """``log σ²`` bounds: prior logit variances between 1e-12 and 1e6.
 
-        The evidence is flat far out in σ² (a group that the data ignore, or a prior so wide
-        that the likelihood is saturated); the bounds keep a quasi-Newton search there finite.
+        Per group ``(G,)`` bounds on ``σ_g²``, or (``per_group=False``) scalar bounds on one σ²
+        shared by every group. The evidence is flat far out in σ² (a group that the data
+        ignore, or a prior so wide that the likelihood is saturated); the bounds keep a
+        quasi-Newton search there finite.
         """
         scale = self.grams.diagonal(dim1=1, dim2=2).mean(-1)
+        if not per_group:
+            scale = scale.sum()
         scale = scale.clamp_min(torch.finfo(scale.dtype).tiny).log()
         return math.log(1e-12) - scale, math.log(1e6) - scale
 

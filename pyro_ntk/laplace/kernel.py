@@ -80,7 +80,8 @@ class KernelRoute(LaplaceRoute):
         derivative; σ²/T is kept within :meth:`FunctionSpaceMAP.log_variance_bounds`.
         """
         fs, T = self.fs, temperature
-        lo, hi = (b + math.log(T) for b in fs.log_variance_bounds())  # bounds on σ²/T
+        bounds = fs.log_variance_bounds(per_group=variance.dim() > 0)
+        lo, hi = (b + math.log(T) for b in bounds)  # bounds on σ²/T
         log_var = torch.maximum(torch.minimum(variance.log(), hi), lo)
         log_var = log_var.clone().requires_grad_(True)
         opt = torch.optim.LBFGS(

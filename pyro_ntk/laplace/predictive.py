@@ -12,8 +12,9 @@ from one JVP of the ``r + 1`` columns ``[δ*, S U]`` and the exact NTK diagonal 
 (:meth:`~pyro_ntk.likelihoods.GLMLikelihood.probit_mean`), a Monte Carlo average over
 posterior draws of δ (one JVP for all draws), or the likelihood's mean at μ alone.
 Memory: the products' outputs, ``N·O·(r + 1)`` (``N·O·S`` for ``S`` draws); the
-Linearization bounds the rest by its ``chunk_size``. The full blocks form the Jacobian of
-all ``X``, ``N·O·P`` (guarded by :meth:`~pyro_ntk.Linearization.check_dense_memory`).
+Linearization bounds the rest by its ``chunk_size``. The full blocks form the Jacobian one
+chunk of inputs at a time (:meth:`~pyro_ntk.Linearization.chunks`): ``chunk_size·O·P``
+(each chunk guarded by :meth:`~pyro_ntk.Linearization.check_dense_memory`).
 """
 
 from __future__ import annotations
@@ -40,10 +41,21 @@ def function_moments(
     variance: Tensor,
     full_cov: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Mean ``(N, O)`` and variance ``(N, O)`` (or per-example covariance ``(N, O, O)``).
+    r"""Mean ``(N, O)`` and variance ``(N, O)`` (or per-example covariance ``(N, O, O)``).
 
     ``S`` ``(P,)`` the prior standard deviations at σ² = ``variance``; ``(U, λ)`` the kept
-    eigenpairs.
+    eigenpairs. With ``full_cov`` the prior blocks :math:`J_n S^2 J_n^\top` come from the
+    per-example Jacobian of one chunk of inputs at a time (memory ``chunk_size·O·P``).
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> lin = Linearization(net.double(), chunk_size=3)
+        >>> X, P = torch.randn(5, 2, dtype=torch.float64), lin.num_params
+        >>> S, U = torch.ones(P, dtype=torch.float64), torch.eye(P, 2, dtype=torch.float64)
+        >>> lam, delta = torch.ones(2, dtype=torch.float64), torch.zeros(P, dtype=torch.float64)
+        >>> mean, cov = function_moments(lin, X, delta, S, U, lam, torch.tensor(1.0), True)
+        >>> mean.shape, cov.shape
+        (torch.Size([5, 2]), torch.Size([5, 2, 2]))
     """
     V = torch.cat([delta[:, None], S[:, None] * U], dim=1)  # (P, 1 + r)
     w = lam / (1 + lam)
@@ -51,11 +63,18 @@ def function_moments(
     mean = lin(X) + JV[..., 0]
     W = JV[..., 1:]  # (N, O, r)
     if full_cov:
-        J = lin.jacobian(X)
-        prior = torch.einsum("nop,nqp->noq", J * S.square(), J)
-        return mean, prior - torch.einsum("nor,nqr->noq", W * w, W)
+        return mean, _prior_blocks(lin, X, S.square()) - torch.einsum("nor,nqr->noq", W * w, W)
     prior = lin.ntk_diag(X, variance).reshape(W.shape[:2])
     return mean, (prior - (W.square() * w).sum(-1)).clamp_min(0)
+
+
+def _prior_blocks(lin: Linearization, X: Tensor, scale: Tensor) -> Tensor:
+    """``J_n diag(scale) J_nᵀ`` per example, ``(N, O, O)``, one chunk of inputs at a time."""
+    blocks = []
+    for rows in lin.chunks(X.shape[0]):
+        J = lin.jacobian(X[rows])  # (n, O, P): chunk_size·O·P at most
+        blocks.append(torch.einsum("nop,nqp->noq", J * scale, J))
+    return torch.cat(blocks)
 
 
 def predictive_mean(

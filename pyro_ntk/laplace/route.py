@@ -81,7 +81,7 @@ class LaplaceProblem(NamedTuple):
 def map_fisher(problem: LaplaceProblem, f_map: Tensor) -> FisherLinearOperator:
     """``F`` with ``Λ`` at the MAP outputs (the linear model's exact Hessian of −log p(y|δ))."""
     return FisherLinearOperator(
-        problem.X, linearization=problem.lin, likelihood=problem.likelihood.kind,
+        problem.X, network=problem.lin, likelihood=problem.likelihood.kind,
         noise=1.0 if problem.noise is None else problem.noise,
         outputs=f_map,  # Λ(f_lin(X; δ*)), not Λ(f(X; θ*))
     )  # fmt: skip

@@ -17,7 +17,7 @@ each class's own logit.
 Recipe::
 
     gpc = ntk_gp_classifier(net, X, y)                  # VariationalGP, site names "f", "y"
-    pyro.contrib.gp.util.train(gpc, num_steps=200)      # TraceMeanField_ELBO + Adam
+    pyro_ntk.fit(gpc)                                   # Adam on the ELBO, with a stopping rule
     probs = gp_class_probabilities(gpc, X_test)         # (N*, C), or (N*,) for binary
 """
 
@@ -73,7 +73,8 @@ def ntk_gp_classifier(
         jitter: added to the Gram diagonal.
 
     Returns:
-        The Pyro GP model; train it with ``pyro.contrib.gp.util.train``.
+        The Pyro GP model; fit it with :func:`pyro_ntk.fit` (or
+        ``pyro.contrib.gp.util.train``).
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))

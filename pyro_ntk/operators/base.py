@@ -16,10 +16,11 @@ from __future__ import annotations
 import torch
 from linear_operator.operators import LinearOperator
 from linear_operator.utils.getitem import _is_noop_index
-from torch import Tensor
+from torch import Tensor, nn
 
 from pyro_ntk._checks import check_tensor
-from pyro_ntk.linearization import Linearization, check_linearization
+from pyro_ntk.linearization import Linearization, as_linearization
+from pyro_ntk.parameters import ParamSelector
 
 __all__ = [
     "JacobianOperatorBase",
@@ -236,16 +237,22 @@ class JacobianOperatorBase(RepeatedMatrixOperator):
     """Shared by :class:`JacobianLinearOperator` and its transpose: inputs and products."""
 
     def __init__(
-        self, X: Tensor, *, linearization: Linearization, batch_shape: tuple[int, ...] = ()
+        self,
+        X: Tensor,
+        *,
+        network: nn.Module | Linearization,
+        params: ParamSelector = None,
+        chunk_size: int | None = None,
+        batch_shape: tuple[int, ...] = (),
     ):
         where = type(self).__name__.lstrip("_")
-        linearization = check_linearization(where, linearization)
+        lin = as_linearization(where, network, params, chunk_size)
         X = as_data(check_tensor(where, "X", X))
-        self.num_outputs = linearization.output_dim(linearization.check_inputs(where, "X", X))
+        self.num_outputs = lin.output_dim(lin.check_inputs(where, "X", X))
         batch_shape = torch.Size(batch_shape)
-        super().__init__(X, linearization=linearization, batch_shape=batch_shape)
+        super().__init__(X, network=lin, batch_shape=batch_shape)
         self.X = X
-        self.linearization = linearization
+        self.linearization = lin
         self._batch = batch_shape
 
     def _set_requires_grad(self, val: bool) -> None:
@@ -253,12 +260,12 @@ class JacobianOperatorBase(RepeatedMatrixOperator):
         return None
 
     def _with_batch(self, batch_shape: torch.Size) -> LinearOperator:
-        return type(self)(self.X, linearization=self.linearization, batch_shape=batch_shape)
+        return type(self)(self.X, network=self.linearization, batch_shape=batch_shape)
 
     def _rebuild(self, dtype: torch.dtype, device: torch.device) -> LinearOperator:
         lin = self.linearization.to(dtype, device)
         X = move(self.X, dtype, device)
-        return type(self)(X, linearization=lin, batch_shape=self._batch)
+        return type(self)(X, network=lin, batch_shape=self._batch)
 
     # -------------------------------------------------------------- products
     def _apply_J(self, rhs: Tensor) -> Tensor:

@@ -51,11 +51,11 @@ import math
 import torch
 from linear_operator.operators import DenseLinearOperator, LinearOperator
 from linear_operator.utils.getitem import _is_noop_index
-from torch import Tensor
+from torch import Tensor, nn
 
 from pyro_ntk._checks import check_choice
 from pyro_ntk.likelihoods import Likelihood, get_likelihood
-from pyro_ntk.linearization import Linearization, check_linearization
+from pyro_ntk.linearization import Linearization, as_linearization
 from pyro_ntk.operators.base import (
     RepeatedMatrixOperator,
     flat_index,
@@ -63,6 +63,7 @@ from pyro_ntk.operators.base import (
     move,
     to_columns,
 )
+from pyro_ntk.parameters import ParamSelector
 
 __all__ = ["FisherLinearOperator", "FisherMethod", "default_epsilon"]
 
@@ -130,7 +131,9 @@ class FisherLinearOperator(RepeatedMatrixOperator):
 
     Args:
         X: inputs ``(N, ...)`` (dtype and device of the network).
-        linearization: the :class:`pyro_ntk.Linearization` (θ*, parameter selection).
+        network: the trained ``nn.Module``, or a :class:`~pyro_ntk.Linearization` to share
+            its θ* copy, parameter selection and products (keyword-only, after the tensors,
+            as ``linear_operator`` rebuilds operators from their tensor arguments).
         likelihood: a :class:`~pyro_ntk.likelihoods.Likelihood` or its value
             (``"gaussian"``, ``"bernoulli"``, ``"categorical"``, ``"poisson"``).
         noise: Gaussian observation variance ``s²``: a positive scalar or a tensor
@@ -144,6 +147,9 @@ class FisherLinearOperator(RepeatedMatrixOperator):
             ``f(X; θ*)`` (``method="exact"`` only), e.g. the outputs
             ``f(X; θ*) + J δ*`` of a linearized model at its MAP: ``F = Jᵀ Λ(outputs) J``
             is then that model's exact Hessian of ``−log p(y | δ)``. The Jacobian stays at θ*.
+        params: which parameters to linearize when ``network`` is an ``nn.Module`` (as
+            :class:`~pyro_ntk.Linearization`; ``None``: all with ``requires_grad``).
+        chunk_size: inputs per chunk when ``network`` is an ``nn.Module``.
         batch_shape: batch dimensions over which the same ``F`` is repeated (set by
             ``linear_operator`` when it broadcasts; rarely needed by hand).
 
@@ -157,7 +163,7 @@ class FisherLinearOperator(RepeatedMatrixOperator):
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
         >>> lin = Linearization(net.double())
         >>> X = torch.randn(6, 2, dtype=torch.float64)
-        >>> F = FisherLinearOperator(X, linearization=lin, noise=0.5)
+        >>> F = FisherLinearOperator(X, network=lin, noise=0.5)
         >>> J = lin.jacobian(X).reshape(6, -1)
         >>> torch.allclose(F.to_dense(), J.T @ J / 0.5)
         True
@@ -167,16 +173,18 @@ class FisherLinearOperator(RepeatedMatrixOperator):
         self,
         X: Tensor,
         *,
-        linearization: Linearization,
+        network: nn.Module | Linearization,
         likelihood: str | Likelihood = "gaussian",
         noise: Tensor | float | None = 1.0,
         method: str | FisherMethod = "exact",
         epsilon: float | None = None,
         outputs: Tensor | None = None,
+        params: ParamSelector = None,
+        chunk_size: int | None = None,
         batch_shape: tuple[int, ...] = (),
     ):
         where = "FisherLinearOperator"
-        lin = check_linearization(where, linearization)
+        lin = as_linearization(where, network, params, chunk_size)
         lik = get_likelihood(where, likelihood)
         check_choice(where, "method", method, [m.value for m in FisherMethod])
         method = FisherMethod(method)
@@ -203,7 +211,7 @@ class FisherLinearOperator(RepeatedMatrixOperator):
         batch_shape = torch.Size(batch_shape)
         super().__init__(
             X,
-            linearization=lin,
+            network=lin,
             likelihood=lik.kind.value,
             noise=noise_t,
             method=method.value,
@@ -231,7 +239,7 @@ class FisherLinearOperator(RepeatedMatrixOperator):
     def _rebuild(self, dtype: torch.dtype, device: torch.device) -> LinearOperator:
         return FisherLinearOperator(
             move(self.X, dtype, device),
-            linearization=self.linearization.to(dtype, device),
+            network=self.linearization.to(dtype, device),
             likelihood=self.likelihood,
             noise=1.0 if self.noise is None else move(self.noise, dtype, device),
             method=self.method,
@@ -243,7 +251,7 @@ class FisherLinearOperator(RepeatedMatrixOperator):
     def _with_batch(self, batch_shape: torch.Size) -> LinearOperator:
         return FisherLinearOperator(
             self.X,
-            linearization=self.linearization,
+            network=self.linearization,
             likelihood=self.likelihood,
             noise=1.0 if self.noise is None else self.noise,
             method=self.method,

@@ -46,15 +46,18 @@ class JacobianLinearOperator(JacobianOperatorBase):
 
     Args:
         X: inputs ``(N, ...)`` that the network accepts (dtype/device of the network).
-        linearization: the :class:`~pyro_ntk.Linearization` providing the products.
+        network: the trained ``nn.Module``, or a :class:`~pyro_ntk.Linearization` to share
+            its θ* copy and products (keyword-only, after the tensors, as
+            ``linear_operator`` rebuilds operators from their tensor arguments).
+        params: which parameters to linearize when ``network`` is an ``nn.Module`` (as
+            :class:`~pyro_ntk.Linearization`; ``None``: all with ``requires_grad``).
+        chunk_size: inputs per chunk when ``network`` is an ``nn.Module``.
         batch_shape: batch dimensions over which the same ``J`` is repeated (set by
             ``linear_operator`` when it broadcasts; rarely needed by hand).
 
     Example:
-        >>> from pyro_ntk import Linearization
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
-        >>> lin = Linearization(net)
-        >>> J = JacobianLinearOperator(torch.randn(5, 3), linearization=lin)
+        >>> J = JacobianLinearOperator(torch.randn(5, 3), network=net)
         >>> J.shape
         torch.Size([10, 26])
         >>> (J @ torch.randn(26, 3)).shape, (J.mT @ torch.randn(10)).shape
@@ -72,7 +75,7 @@ class JacobianLinearOperator(JacobianOperatorBase):
 
     def _transpose_nonbatch(self) -> LinearOperator:
         return _JacobianTransposeLinearOperator(
-            self.X, linearization=self.linearization, batch_shape=self._batch
+            self.X, network=self.linearization, batch_shape=self._batch
         )
 
     @cached
@@ -86,7 +89,7 @@ class JacobianLinearOperator(JacobianOperatorBase):
             return self
         examples = example_index(row_index, self._matrix_size()[0], self.num_outputs)
         if examples is not None and _is_noop_index(col_index):
-            return JacobianLinearOperator(self.X[examples], linearization=self.linearization)
+            return JacobianLinearOperator(self.X[examples], network=self.linearization)
         return DenseLinearOperator(self._jacobian_block(row_index, col_index))
 
     def _entries(self, rows: Tensor, cols: Tensor) -> Tensor:
@@ -106,9 +109,7 @@ class _JacobianTransposeLinearOperator(JacobianOperatorBase):
         return self._apply_J(rhs)
 
     def _transpose_nonbatch(self) -> LinearOperator:
-        return JacobianLinearOperator(
-            self.X, linearization=self.linearization, batch_shape=self._batch
-        )
+        return JacobianLinearOperator(self.X, network=self.linearization, batch_shape=self._batch)
 
     @cached
     def to_dense(self) -> Tensor:

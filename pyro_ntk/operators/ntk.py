@@ -25,10 +25,10 @@ from linear_operator.operators import (
 )
 from linear_operator.utils.getitem import _is_noop_index
 from linear_operator.utils.memoize import cached
-from torch import Tensor
+from torch import Tensor, nn
 
 from pyro_ntk._checks import check_tensor
-from pyro_ntk.linearization import Linearization, check_linearization
+from pyro_ntk.linearization import Linearization, as_linearization
 from pyro_ntk.operators.base import (
     RepeatedMatrixOperator,
     as_data,
@@ -40,6 +40,7 @@ from pyro_ntk.operators.base import (
     to_columns,
 )
 from pyro_ntk.operators.jacobian import JacobianLinearOperator
+from pyro_ntk.parameters import ParamSelector
 
 __all__ = ["NTKLinearOperator"]
 
@@ -96,7 +97,13 @@ class NTKLinearOperator(RepeatedMatrixOperator):
         variance: σ², ``None`` (1), a non-negative number, a 0-dim tensor, or a ``(G,)``
             tensor with one variance per parameter group (``linearization.groups``). A
             tensor that requires grad receives gradients.
-        linearization: the :class:`~pyro_ntk.Linearization` providing the products.
+        network: the trained ``nn.Module``, or a :class:`~pyro_ntk.Linearization` to share
+            its θ* copy and products (as kernels and solvers built on it do). Keyword-only,
+            after the tensors: ``linear_operator`` rebuilds operators from their tensor
+            arguments.
+        params: which parameters to linearize when ``network`` is an ``nn.Module`` (as
+            :class:`~pyro_ntk.Linearization`; ``None``: all with ``requires_grad``).
+        chunk_size: inputs per chunk when ``network`` is an ``nn.Module``.
         batch_shape: batch dimensions over which the same ``K`` is repeated (set by
             ``linear_operator`` when it broadcasts; rarely needed by hand). A right-hand
             side with batch dimensions ``(*batch, N2·O, C)`` needs none: its batch is
@@ -109,14 +116,14 @@ class NTKLinearOperator(RepeatedMatrixOperator):
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
         >>> lin = Linearization(net)
         >>> X = torch.randn(6, 3)
-        >>> K = NTKLinearOperator(X, variance=torch.tensor([0.5, 2.0]), linearization=lin)
+        >>> K = NTKLinearOperator(X, variance=torch.tensor([0.5, 2.0]), network=lin)
         >>> K.shape
         torch.Size([6, 6])
         >>> (K @ torch.randn(6, 2)).shape
         torch.Size([6, 2])
         >>> bool(torch.allclose(K.diagonal(), K.to_dense().diagonal()))
         True
-        >>> NTKLinearOperator(X, torch.randn(4, 3), linearization=lin).shape
+        >>> NTKLinearOperator(X, torch.randn(4, 3), network=net).shape
         torch.Size([6, 4])
     """
 
@@ -126,12 +133,14 @@ class NTKLinearOperator(RepeatedMatrixOperator):
         X2: Tensor | None = None,
         variance: Tensor | float | None = None,
         *,
-        linearization: Linearization,
+        network: nn.Module | Linearization,
+        params: ParamSelector = None,
+        chunk_size: int | None = None,
         batch_shape: tuple[int, ...] = (),
         variance_checked: bool = False,
     ):
         where = "NTKLinearOperator"
-        lin = check_linearization(where, linearization)
+        lin = as_linearization(where, network, params, chunk_size)
         X1 = as_data(check_tensor(where, "X1", X1))
         X2 = X1 if X2 is None else as_data(check_tensor(where, "X2", X2))
         self.num_outputs = lin.output_dim(lin.check_inputs(where, "X1", X1))  # validates X1
@@ -141,7 +150,7 @@ class NTKLinearOperator(RepeatedMatrixOperator):
             variance, _ = lin.space.normalize_variance(where, variance)
         batch_shape = torch.Size(batch_shape)
         super().__init__(
-            X1, X2, variance, linearization=lin, batch_shape=batch_shape, variance_checked=True
+            X1, X2, variance, network=lin, batch_shape=batch_shape, variance_checked=True
         )
         self.X1, self.X2, self.variance, self.linearization = X1, X2, variance, lin
         self._batch = batch_shape
@@ -155,11 +164,7 @@ class NTKLinearOperator(RepeatedMatrixOperator):
 
     def _with_batch(self, batch_shape: torch.Size) -> LinearOperator:
         return NTKLinearOperator(
-            self.X1,
-            self.X2,
-            self.variance,
-            linearization=self.linearization,
-            batch_shape=batch_shape,
+            self.X1, self.X2, self.variance, network=self.linearization, batch_shape=batch_shape
         )
 
     def _set_requires_grad(self, val: bool) -> None:
@@ -175,11 +180,7 @@ class NTKLinearOperator(RepeatedMatrixOperator):
         if self.symmetric:
             return self
         return NTKLinearOperator(
-            self.X2,
-            self.X1,
-            self.variance,
-            linearization=self.linearization,
-            batch_shape=self._batch,
+            self.X2, self.X1, self.variance, network=self.linearization, batch_shape=self._batch
         )
 
     # -------------------------------------------------------------- products
@@ -289,7 +290,7 @@ class NTKLinearOperator(RepeatedMatrixOperator):
                 X1, X2 = self.X1[r], self.X2[c]
                 if self.symmetric and r == c:
                     X2 = X1
-                return NTKLinearOperator(X1, X2, self.variance, linearization=self.linearization)
+                return NTKLinearOperator(X1, X2, self.variance, network=self.linearization)
         rows = flat_index(row_index, M, self.device)
         cols = flat_index(col_index, N, self.device)
         return DenseLinearOperator(self._block(rows, cols))
@@ -311,9 +312,7 @@ class NTKLinearOperator(RepeatedMatrixOperator):
                 "NTKLinearOperator.jacobian_root: only defined when X2 is X1 (a symmetric K); "
                 f"this operator is K(X1, X2) of shape {tuple(self.shape)}."
             )
-        J = JacobianLinearOperator(
-            self.X1, linearization=self.linearization, batch_shape=self._batch
-        )
+        J = JacobianLinearOperator(self.X1, network=self.linearization, batch_shape=self._batch)
         return MatmulLinearOperator(J, DiagLinearOperator(self._scale().sqrt()))
 
     @cached(name="root_decomposition")
@@ -355,7 +354,7 @@ class NTKLinearOperator(RepeatedMatrixOperator):
         X1 = move(self.X1, dtype, device)
         X2 = X1 if self.X2 is self.X1 else move(self.X2, dtype, device)
         variance = move(self.variance, dtype, device)
-        return NTKLinearOperator(X1, X2, variance, linearization=lin, batch_shape=self._batch)
+        return NTKLinearOperator(X1, X2, variance, network=lin, batch_shape=self._batch)
 
     def __repr__(self) -> str:
         kind = "K(X, X)" if self.symmetric else "K(X1, X2)"

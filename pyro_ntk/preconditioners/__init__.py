@@ -55,8 +55,6 @@ from __future__ import annotations
 from pyro_ntk.preconditioners.base import Preconditioner as Preconditioner
 from pyro_ntk.preconditioners.eigenform import EigenPreconditioner as EigenPreconditioner
 from pyro_ntk.preconditioners.eigenform import PreconditionerFactors as PreconditionerFactors
-from pyro_ntk.preconditioners.eigenform import _noise_vector as _noise_vector
-from pyro_ntk.preconditioners.eigenform import _nystrom_from_sketch as _nystrom_from_sketch
 from pyro_ntk.preconditioners.eigenform import randomized_eigh as randomized_eigh
 from pyro_ntk.preconditioners.factory import KINDS as KINDS
 from pyro_ntk.preconditioners.factory import IdentityPreconditioner as IdentityPreconditioner

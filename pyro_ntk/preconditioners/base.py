@@ -18,43 +18,54 @@ from collections.abc import Callable
 
 import torch
 from linear_operator.operators import LinearOperator
-from torch import Tensor
+from torch import Tensor, nn
 
 from pyro_ntk._checks import check_positive_int
-from pyro_ntk.linearization import Linearization, check_linearization
+from pyro_ntk.linearization import Linearization, as_linearization
+from pyro_ntk.parameters import ParamSelector
 from pyro_ntk.preconditioners.eigenform import EigenPreconditioner, PreconditionerFactors
 
-__all__ = ["Preconditioner"]
+__all__ = ["DEFAULT_RANK", "Preconditioner"]
+
+DEFAULT_RANK = 100
+"""The rank ``k`` of every preconditioner unless one is asked for."""
 
 
 class Preconditioner(ABC):
     """A function-space preconditioner for ``σ² K(X, X) + s² I``, reused across σ² and s².
 
-    Subclasses implement :meth:`_build` (the eigen-form of ``K`` for a reference variance).
+    Subclasses implement :meth:`_build` (the eigen-form of ``K`` for a reference variance)
+    and pass these arguments through (``**common``).
 
     Args:
-        linearization: the :class:`pyro_ntk.Linearization`.
+        network: the trained ``nn.Module``, or a :class:`~pyro_ntk.Linearization` to share
+            its θ* copy and products (e.g. the one of the system being preconditioned).
         X: the inputs ``(N, ...)``; ``n = N·O``.
         rank: ``k``.
         seed: seed of the random sketch (ignored by deterministic kinds).
         variance: reference σ² (``None``: ones), scalar or ``(G,)``.
         rebuild_factor: largest per-layer ratio spread served without rebuilding.
+        params: which parameters to linearize when ``network`` is an ``nn.Module`` (as
+            :class:`~pyro_ntk.Linearization`; ``None``: all with ``requires_grad``).
+        chunk_size: inputs per chunk when ``network`` is an ``nn.Module``.
     """
 
     kind: str = "base"
 
     def __init__(
         self,
-        linearization: Linearization,
+        network: nn.Module | Linearization,
         X: Tensor,
         *,
-        rank: int = 100,
+        rank: int = DEFAULT_RANK,
         seed: int = 0,
         variance: Tensor | float | None = None,
         rebuild_factor: float = 2.0,
+        params: ParamSelector = None,
+        chunk_size: int | None = None,
     ):
         where = type(self).__name__
-        check_linearization(where, linearization)
+        linearization = as_linearization(where, network, params, chunk_size)
         check_positive_int(where, "rank", rank)
         if not (isinstance(rebuild_factor, float | int) and rebuild_factor >= 1):
             raise ValueError(f"{where}: rebuild_factor must be >= 1, got {rebuild_factor!r}.")

@@ -7,7 +7,7 @@ and ``"none"`` (or ``None``) to :class:`IdentityPreconditioner`.
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from pyro_ntk.linearization import Linearization
 from pyro_ntk.options import PreconditionerKind as Kind
@@ -50,11 +50,8 @@ class IdentityPreconditioner:
 
 def make_preconditioner(
     kind: Kind | str | None,
-    linearization: Linearization,
+    network: nn.Module | Linearization,
     X: Tensor,
-    *,
-    rank: int = 100,
-    seed: int = 0,
     **options,
 ) -> Preconditioner | IdentityPreconditioner:
     r"""Build a preconditioner for ``σ² K(X, X) + s² I`` by name.
@@ -69,11 +66,11 @@ def make_preconditioner(
     Args:
         kind: a :class:`~pyro_ntk.options.PreconditionerKind` or its string: ``"auto"``,
             ``"fisher"``, ``"nystrom"``, ``"pivoted_cholesky"``, ``"none"`` (or ``None``).
-        linearization: the :class:`pyro_ntk.Linearization`.
+        network: the trained ``nn.Module`` or a :class:`~pyro_ntk.Linearization`.
         X: inputs ``(N, ...)``.
-        rank: ``k``.
-        seed: sketch seed.
-        **options: passed to the class (e.g. ``power_iterations``, ``variance``).
+        **options: passed to the class: ``rank`` (``k``), ``seed``, ``variance``,
+            ``params``, ``chunk_size`` (:class:`Preconditioner`) and the kind's own (e.g.
+            ``power_iterations``).
 
     Returns:
         A :class:`Preconditioner` (or :class:`IdentityPreconditioner` for ``None``); use
@@ -94,4 +91,4 @@ def make_preconditioner(
         Kind.NYSTROM: NystromPreconditioner,
         Kind.PIVOTED_CHOLESKY: PivotedCholeskyPreconditioner,
     }
-    return classes[kind](linearization, X, rank=rank, seed=seed, **options)
+    return classes[kind](network, X, **options)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from pyro_ntk._checks import check_choice, check_nonnegative_int, check_positive_int
 from pyro_ntk.linearization import Linearization
-from pyro_ntk.preconditioners.base import Preconditioner
+from pyro_ntk.preconditioners.base import DEFAULT_RANK, Preconditioner
 from pyro_ntk.preconditioners.kronecker import kronecker_columns, top_eigenpairs
 
 __all__ = ["AUTO_SUBSAMPLE_ROWS", "KRONECKER_MIN_POOL", "KRONECKER_POOL", "FisherPreconditioner"]
@@ -80,16 +80,12 @@ class FisherPreconditioner(Preconditioner):
     measured (it inflates the preconditioner's small eigenvalues beyond ``s²``), so it is off.
 
     Args:
-        linearization: the :class:`pyro_ntk.Linearization`.
+        network: the trained ``nn.Module`` or a :class:`~pyro_ntk.Linearization`.
         X: inputs ``(N, ...)``.
-        rank: ``k``.
-        seed: sketch seed.
         oversampling: ``p`` of the range finder (``None``: ``k // 2``).
         power_iterations: ``q`` of the range finder.
         sketch: ``"function"`` or ``"parameter"`` (range finder).
         diagonal_correction: add the residual diagonal.
-        variance: reference σ² (scalar or ``(G,)``; ``None``: ones).
-        rebuild_factor: see the module docstring.
         subsample: run the range finder's sketch and power iterations on a seeded random
             subset of the inputs, keep that subset Fisher's top ``k`` directions, and map
             only those ``k`` columns through all ``N`` inputs. An ``int`` count, a fraction
@@ -99,6 +95,9 @@ class FisherPreconditioner(Preconditioner):
             factors (``False``: the range finder for every parameter).
         pool: number of Kronecker directions kept for the Rayleigh–Ritz step (``None``:
             ``max(5k, 500)``).
+        **common: ``rank`` (``k``), ``seed`` (of the sketch), ``variance`` (reference σ²,
+            scalar or ``(G,)``; ``None``: ones), ``rebuild_factor``, ``params``,
+            ``chunk_size``, as :class:`~pyro_ntk.preconditioners.Preconditioner`.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
@@ -114,20 +113,17 @@ class FisherPreconditioner(Preconditioner):
 
     def __init__(
         self,
-        linearization: Linearization,
+        network: nn.Module | Linearization,
         X: Tensor,
         *,
-        rank: int = 100,
-        seed: int = 0,
         oversampling: int | None = None,
         power_iterations: int = 1,
         sketch: str = "function",
         diagonal_correction: bool = False,
-        variance: Tensor | float | None = None,
-        rebuild_factor: float = 2.0,
         subsample: int | float | str | None = "auto",
         kronecker: bool = True,
         pool: int | None = None,
+        **common,
     ):
         where = "FisherPreconditioner"
         if subsample not in (None, "auto") and not (
@@ -144,6 +140,7 @@ class FisherPreconditioner(Preconditioner):
             check_positive_int(where, "pool", pool)
         self.pool = pool
         if oversampling is None:
+            rank = common.get("rank", DEFAULT_RANK)
             oversampling = rank // 2 if isinstance(rank, int) else 0
         check_nonnegative_int(where, "oversampling", oversampling)
         check_nonnegative_int(where, "power_iterations", power_iterations)
@@ -153,14 +150,7 @@ class FisherPreconditioner(Preconditioner):
         self.power_iterations = power_iterations
         self.sketch = sketch
         self.diagonal_correction = bool(diagonal_correction)
-        super().__init__(
-            linearization,
-            X,
-            rank=rank,
-            seed=seed,
-            variance=variance,
-            rebuild_factor=rebuild_factor,
-        )
+        super().__init__(network, X, **common)
 
     def _sketch_rows(self, N: int, O: int) -> Tensor | None:
         """The inputs the range finder runs on: all (``None``) or a seeded random subset."""

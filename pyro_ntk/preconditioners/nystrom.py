@@ -7,7 +7,7 @@ r"""Stabilized randomized Nyström on the NTK (sketch ``K Ω``).
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from pyro_ntk._checks import check_nonnegative_int
 from pyro_ntk.linearization import Linearization
@@ -25,19 +25,18 @@ class NystromPreconditioner(Preconditioner):
     Cost: ``k + p`` K·v-equivalents (one batched NTK product), memory ``O(n (k + p))``.
 
     Args:
-        linearization: the :class:`pyro_ntk.Linearization`.
+        network: the trained ``nn.Module`` or a :class:`~pyro_ntk.Linearization`.
         X: inputs ``(N, ...)``.
-        rank: ``k``.
-        seed: sketch seed.
         oversampling: ``p``.
         power_iterations: ``q`` (each one more NTK product of ``k + p`` columns).
-        variance: reference σ².
-        rebuild_factor: see the module docstring.
+        **common: ``rank`` (``k``), ``seed`` (of the sketch), ``variance``,
+            ``rebuild_factor``, ``params``, ``chunk_size``, as
+            :class:`~pyro_ntk.preconditioners.Preconditioner`.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-        >>> lin = Linearization(net.double())
-        >>> pre = NystromPreconditioner(lin, torch.randn(20, 2, dtype=torch.float64), rank=5)
+        >>> X = torch.randn(20, 2, dtype=torch.float64)
+        >>> pre = NystromPreconditioner(net.double(), X, rank=5)
         >>> pre.build().rank, pre.products
         (5, 5.0)
     """
@@ -46,28 +45,18 @@ class NystromPreconditioner(Preconditioner):
 
     def __init__(
         self,
-        linearization: Linearization,
+        network: nn.Module | Linearization,
         X: Tensor,
         *,
-        rank: int = 100,
-        seed: int = 0,
         oversampling: int = 0,
         power_iterations: int = 0,
-        variance: Tensor | float | None = None,
-        rebuild_factor: float = 2.0,
+        **common,
     ):
         check_nonnegative_int("NystromPreconditioner", "oversampling", oversampling)
         check_nonnegative_int("NystromPreconditioner", "power_iterations", power_iterations)
         self.oversampling = oversampling
         self.power_iterations = power_iterations
-        super().__init__(
-            linearization,
-            X,
-            rank=rank,
-            seed=seed,
-            variance=variance,
-            rebuild_factor=rebuild_factor,
-        )
+        super().__init__(network, X, **common)
 
     def _build(self, ref: Tensor) -> tuple[Tensor, Tensor, Tensor | None, float]:
         lin, X = self.linearization, self.X

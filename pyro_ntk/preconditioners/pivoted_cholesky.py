@@ -8,9 +8,10 @@ r"""linear_operator's partial pivoted Cholesky of the NTK, put in eigen-form.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from pyro_ntk.linearization import Linearization
+from pyro_ntk.operators.ntk import NTKLinearOperator
 from pyro_ntk.preconditioners.base import Preconditioner
 
 __all__ = ["PivotedCholeskyPreconditioner"]
@@ -31,39 +32,37 @@ class PivotedCholeskyPreconditioner(Preconditioner):
     (counted as ``k/2`` in ``products``; ``diag K`` is not counted).
 
     Args:
-        linearization: the :class:`pyro_ntk.Linearization`.
+        network: the trained ``nn.Module`` or a :class:`~pyro_ntk.Linearization`.
         X: inputs ``(N, ...)``.
-        rank: ``k``.
-        seed: unused (deterministic).
         error_tol: stop early once the trace of the residual is below it (``None``:
             ``linear_operator.settings.preconditioner_tolerance``, 1e-3, as gpytorch).
-        variance: reference σ².
-        rebuild_factor: see the module docstring.
+        **common: ``rank`` (``k``), ``seed`` (unused: deterministic), ``variance``,
+            ``rebuild_factor``, ``params``, ``chunk_size``, as
+            :class:`~pyro_ntk.preconditioners.Preconditioner`.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> X = torch.randn(20, 2, dtype=torch.float64)
+        >>> PivotedCholeskyPreconditioner(net.double(), X, rank=5).build().eigenform()[0].d.shape
+        torch.Size([5])
     """
 
     kind = "pivoted_cholesky"
 
     def __init__(
         self,
-        linearization: Linearization,
+        network: nn.Module | Linearization,
         X: Tensor,
         *,
-        rank: int = 100,
-        seed: int = 0,
         error_tol: float | None = None,
-        variance: Tensor | float | None = None,
-        rebuild_factor: float = 2.0,
+        **common,
     ):
         self.error_tol = error_tol
-        super().__init__(
-            linearization, X, rank=rank, seed=seed, variance=variance, rebuild_factor=rebuild_factor
-        )
+        super().__init__(network, X, **common)
 
     def _build(self, ref: Tensor) -> tuple[Tensor, Tensor, Tensor | None, float]:
-        from pyro_ntk.operators.ntk import NTKLinearOperator
-
         variance = None if bool((ref == 1).all()) else ref
-        K = NTKLinearOperator(self.X, None, variance, linearization=self.linearization)
+        K = NTKLinearOperator(self.X, None, variance, network=self.linearization)
         L = K.pivoted_cholesky(rank=self.rank, error_tol=self.error_tol)
         U, S, _ = torch.linalg.svd(L.detach(), full_matrices=False)
         return U, S.square(), None, 0.5 * float(L.shape[-1])  # a row ≈ ½ K·v

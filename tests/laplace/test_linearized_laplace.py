@@ -88,6 +88,30 @@ def test_covariance_and_predictive_equal_dense_reference(likelihood, method):
     assert_unchanged(net, before)
 
 
+def test_full_predictive_covariance_is_built_one_chunk_at_a_time(monkeypatch):
+    """``full_cov`` forms the Jacobian of at most ``chunk_size`` inputs at once: the blocks
+    equal the dense ``J Σ Jᵀ`` and the unchunked formula ``J S² Jᵀ − (J S U) w (J S U)ᵀ``."""
+    net, X, y = _problem("categorical")
+    la = _make("categorical", net, "dense", chunk_size=3).fit(X, y)
+    Xs = torch.randn(7, 2)  # chunks of 3, 3 and 1 inputs
+    rows = []
+    jacobian = la.lin.jacobian
+    monkeypatch.setattr(la.lin, "jacobian", lambda Z: rows.append(Z.shape[0]) or jacobian(Z))
+    mean, full = la.predictive_f(Xs, full_cov=True)
+    monkeypatch.undo()
+    assert rows == [3, 3, 1]
+    Js = reference_jacobian(net, Xs)  # (N, O, P)
+    dense = torch.einsum("nop,pq,nrq->nor", Js, la.covariance(), Js)
+    torch.testing.assert_close(full, dense, rtol=1e-7, atol=1e-10)
+    S, U, lam = la.prior_std(), la._U, la._lam
+    W = torch.einsum("nop,pr->nor", Js, S[:, None] * U)
+    unchunked = torch.einsum("nop,nqp->noq", Js * S.square(), Js) - torch.einsum(
+        "nor,nqr->noq", W * (lam / (1 + lam)), W
+    )
+    torch.testing.assert_close(full, unchunked, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(mean, reference_output(net, Xs) + Js @ la.delta)
+
+
 def _reference_log_likelihood(likelihood, f, y, noise):
     D = torch.distributions
     if likelihood == "categorical":
@@ -378,6 +402,21 @@ def test_kernel_optimize_prior_reaches_a_maximum_of_the_refitted_evidence():
     lj = _reference_log_likelihood("categorical", f, y, None) - 0.5 * (delta.square() / var_p).sum()
     (g,) = torch.autograd.grad(lj, delta)
     assert g.abs().max() < 1e-8
+
+
+def test_kernel_optimize_prior_keeps_one_shared_variance():
+    """layer_variances=False: one σ² is optimised (not one per layer), to a maximum."""
+    net, X, y = _problem("categorical", n=30)
+    la = _make("categorical", net, "kernel", layer=False).fit(X, y)
+    history = la.optimize_prior(X, y, rounds=2, num_steps=50)
+    assert la.variance.shape == ()
+    v = float(la.variance)
+    # the refitted evidence of one shared σ² (dense route) is maximal there
+    assert abs(history[-1] - _refit_evidence(net, X, y, torch.tensor([v, v]))) < 1e-6 * abs(
+        history[-1]
+    )
+    for factor in (0.8, 1.25):
+        assert _refit_evidence(net, X, y, torch.tensor([v, v]) * factor) <= history[-1] + 1e-7
 
 
 @pytest.mark.parametrize("likelihood", ["categorical", "bernoulli", "poisson"])

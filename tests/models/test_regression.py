@@ -281,3 +281,127 @@ def test_auto_solver_above_threshold_uses_fisher_cg():
     assert big.last_solve.method == "pcg"
     none = NTKGPRegression(X, y, net, **kw, options=SolverOptions(solver="cg", preconditioner=None))
     assert isinstance(none._system.preconditioner(), IdentityPreconditioner)
+
+
+# ------------------------------------------------------------------ data-aware start
+@pytest.mark.parametrize("d_out, layer", [(1, False), (2, False), (2, True)])
+def test_initial_values_come_from_the_data(d_out, layer):
+    """s² = mean(r²)/10, σ² = mean(r²)/mean(diag K): dense float64 reference figures."""
+    net = mlp(d_out=d_out)
+    X = torch.randn(10, 2)
+    y = 3.0 * torch.randn(10, d_out).squeeze(-1)
+    model = NTKGPRegression(X, y, net, layer_variances=layer)
+    r = y.reshape(10, d_out) - reference_output(net, X)
+    v, k = float(r.square().mean()), float(reference_ntk(net, X).diagonal().mean())
+    assert float(model.noise.detach()) == pytest.approx(v / 10, rel=1e-12)
+    variance = model.variance.detach()
+    assert variance.shape == ((2,) if layer else ())
+    torch.testing.assert_close(variance, torch.full_like(variance, v / k), rtol=1e-12, atol=0)
+    # a value the user gives is kept; the other still comes from the data
+    given = NTKGPRegression(X, y, net, noise=0.3)
+    assert float(given.noise.detach()) == pytest.approx(0.3) and float(
+        given.variance.detach()
+    ) == pytest.approx(v / k)
+    # no targets: no scale to read
+    prior = NTKGPRegression(X, None, net, layer_variances=layer)
+    assert float(prior.noise.detach()) == 1.0 and bool((prior.variance == 1.0).all())
+
+
+def test_float32_numerical_warning_is_shown_once_per_model():
+    """A float32 kernel of rank 10 < N = 40 with s² = 1e-7: every evaluation needs the
+    fallback, the warning (with its figures) appears at the first only, the losses stay finite."""
+    import warnings
+
+    from linear_operator.utils.warnings import NumericalWarning
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(1, 3), nn.Tanh(), nn.Linear(3, 1)).float()
+    X = torch.linspace(-1, 1, 40, dtype=torch.float32).unsqueeze(-1)
+    y = torch.sin(3 * X).squeeze(-1)
+    elbo = Trace_ELBO()
+    for options, route in ((None, "spectral"), (SolverOptions(solver="cholesky"), "cholesky")):
+        model = NTKGPRegression(X, y, net, noise=1e-7, jitter=0.0, options=options)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses = [float(elbo.differentiable_loss(model.model, model.guide)) for _ in range(4)]
+            model(X[:3])  # the posterior shares the model's one warning
+        shown = [w for w in caught if issubclass(w.category, NumericalWarning)]
+        assert len(shown) == 1, [str(w.message) for w in caught]
+        # the spectral route warns at its first evaluation (the eigenvalues are rounding);
+        # the Cholesky route when the first factor needs jitter
+        first = {
+            "spectral": "NTKGPRegression: the smallest eigenvalue",
+            "cholesky": "NTKGPRegression: the 40×40 matrix",
+        }[route]
+        assert str(shown[0].message).startswith(first)
+        assert "jitter" in str(shown[0].message) and model._system.last_route == route
+        assert all(math.isfinite(x) for x in losses)
+        # a second model warns again: once per model, not once per process
+        other = NTKGPRegression(X, y, net, noise=1e-7, jitter=0.0, options=options)
+        with pytest.warns(NumericalWarning):
+            elbo.differentiable_loss(other.model, other.guide)
+
+
+def test_one_input_network_given_1d_inputs_gets_the_fix():
+    net = nn.Sequential(nn.Linear(1, 5), nn.Tanh(), nn.Linear(5, 1))
+    X = torch.linspace(0, 1, 8)
+    msg = (
+        r"^NTKGPRegression: X has shape \(8,\); the network's first layer \(Linear\) takes 1 "
+        r"feature per example, so X should be \(8, 1\): use X\.unsqueeze\(-1\)\.$"
+    )
+    with pytest.raises(ValueError, match=msg) as info:
+        NTKGPRegression(X, torch.sin(X), net)
+    assert isinstance(info.value.__cause__, RuntimeError)  # torch's own error, kept as the cause
+    model = NTKGPRegression(X.unsqueeze(-1), torch.sin(X), net, noise=0.1)
+    with pytest.raises(ValueError, match=r"^NTKGPRegression.forward: Xnew has shape \(3,\); .*"
+                       r"should be \(3, 1\): use Xnew\.unsqueeze\(-1\)"):  # fmt: skip
+        model(torch.rand(3))
+
+
+def test_noise_floor_bounds_the_fitted_noise_on_noise_free_data():
+    """s² > noise_floor (1e-4 var(y) when the noise is left to the data): the fit stops there.
+
+    With 10 noise-free points the unbounded optimum has s² → 0; the bounded optimum is the
+    dense marginal likelihood's minimiser over s² ≥ floor, i.e. the floor itself.
+    """
+    from pyro_ntk import fit
+
+    torch.manual_seed(0)
+    net = mlp(d_in=1, width=16)
+    X = torch.linspace(-2, 2, 10).unsqueeze(-1)
+    K, m = reference_ntk(net, X), reference_output(net, X).squeeze(-1)
+    # a noise-free draw of the linearized network (σ² = 0.5): y lies in K's range
+    y = m + torch.linalg.cholesky(0.5 * K + 1e-9 * torch.eye(10)) @ torch.randn(10)
+    floor = 1e-4 * float(y.var())
+    model = NTKGPRegression(X, y, net)
+    assert model.noise_floor == pytest.approx(floor, rel=1e-12)
+    result = fit(model, progress=False)
+    assert result.converged
+    noise = float(model.noise.detach())
+    assert floor < noise < 1.01 * floor
+    # the dense marginal likelihood decreases towards s² → 0 (why the floor is needed)
+
+    def nll(v, s):
+        cov = v * K + (s + model.jitter) * torch.eye(10)
+        return float(-torch.distributions.MultivariateNormal(m, cov).log_prob(y))
+
+    v = float(model.variance.detach())
+    assert nll(v, 1e-9) < nll(v, noise)
+    # a given noise means no default floor; an explicit floor is kept
+    assert NTKGPRegression(X, y, net, noise=1e-6).noise_floor == 0.0
+    assert NTKGPRegression(X, y, net, noise=0.1, noise_floor=1e-3).noise_floor == 1e-3
+    assert NTKGPRegression(X, None, net).noise_floor == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(noise_floor=-1.0), ValueError, r"noise_floor must be a float >= 0, got -1\.0"),
+        (dict(noise_floor="big"), TypeError, r"noise_floor must be a float >= 0 or None"),
+        (dict(noise=1e-3, noise_floor=1e-2), ValueError, r"noise 0\.001 is not above noise_floor"),
+    ],
+)
+def test_bad_noise_floor_is_named(kwargs, error, match):
+    X = torch.linspace(-2, 2, 6).unsqueeze(-1)
+    with pytest.raises(error, match=match):
+        NTKGPRegression(X, torch.sin(X).squeeze(-1), mlp(d_in=1), **kwargs)

@@ -44,7 +44,7 @@ def test_exact_product_matches_dense(likelihood):
     net, X, kwargs, noise = _setup(likelihood)
     before = snapshot(net)
     lin = Linearization(net, implementation="functorch")
-    F = FisherLinearOperator(X, linearization=lin, likelihood=likelihood, **kwargs)
+    F = FisherLinearOperator(X, network=lin, likelihood=likelihood, **kwargs)
     dense = _dense_fisher(net, X, likelihood, noise)
     V = torch.randn(lin.num_params, 5)
     torch.testing.assert_close(F @ V, dense @ V, rtol=1e-10, atol=1e-10)
@@ -61,7 +61,7 @@ def test_finite_difference_product_matches_dense(likelihood):
     before = snapshot(net)
     lin = Linearization(net, implementation="functorch")
     F = FisherLinearOperator(
-        X, linearization=lin, likelihood=likelihood, method="finite_difference", **kwargs
+        X, network=lin, likelihood=likelihood, method="finite_difference", **kwargs
     )
     assert F.epsilon == default_epsilon(torch.float64)
     dense = _dense_fisher(net, X, likelihood, noise)
@@ -75,7 +75,7 @@ def test_finite_difference_product_matches_dense(likelihood):
     # the FD product is genuinely approximate: a huge step gives a visibly wrong answer
     coarse = FisherLinearOperator(
         X,
-        linearization=lin,
+        network=lin,
         likelihood=likelihood,
         method="finite_difference",
         epsilon=1.0,
@@ -91,9 +91,7 @@ def test_finite_difference_float32_default_epsilon():
     net32 = _net(1, torch.float32)
     X = torch.randn(20, 3)
     lin32 = Linearization(net32, implementation="functorch")
-    F32 = FisherLinearOperator(
-        X.float(), linearization=lin32, noise=0.5, method="finite_difference"
-    )
+    F32 = FisherLinearOperator(X.float(), network=lin32, noise=0.5, method="finite_difference")
     assert F32.epsilon == pytest.approx(torch.finfo(torch.float32).eps ** 0.5)
     dense = _dense_fisher(net64, X, "gaussian", torch.full((20, 1), 0.5))
     V = torch.randn(lin32.num_params, 4)
@@ -110,8 +108,8 @@ def test_batchnorm_network_unchanged_in_train_mode():
     before = snapshot(net)
     X = torch.randn(8, 3)
     lin = Linearization(net, implementation="functorch")
-    F = FisherLinearOperator(X, linearization=lin, method="finite_difference")
-    E = FisherLinearOperator(X, linearization=lin)
+    F = FisherLinearOperator(X, network=lin, method="finite_difference")
+    E = FisherLinearOperator(X, network=lin)
     V = torch.randn(lin.num_params, 3)
     rel = (F @ V - E @ V).norm() / (E @ V).norm()
     assert float(rel) < 1e-5
@@ -123,21 +121,24 @@ def test_invalid_arguments():
     lin = Linearization(net, implementation="functorch")
     X = torch.randn(4, 3)
     with pytest.raises(ValueError, match="FisherLinearOperator: likelihood"):
-        FisherLinearOperator(X, linearization=lin, likelihood="student")
+        FisherLinearOperator(X, network=lin, likelihood="student")
     with pytest.raises(ValueError, match="FisherLinearOperator: method"):
-        FisherLinearOperator(X, linearization=lin, method="lanczos")
+        FisherLinearOperator(X, network=lin, method="lanczos")
     with pytest.raises(ValueError, match="noise applies to the gaussian"):
-        FisherLinearOperator(X, linearization=lin, likelihood="poisson", noise=0.3)
+        FisherLinearOperator(X, network=lin, likelihood="poisson", noise=0.3)
     with pytest.raises(ValueError, match="categorical likelihood needs O >= 2"):
-        FisherLinearOperator(X, linearization=lin, likelihood="categorical")
+        FisherLinearOperator(X, network=lin, likelihood="categorical")
     with pytest.raises(ValueError, match="noise must be positive"):
-        FisherLinearOperator(X, linearization=lin, noise=-1.0)
+        FisherLinearOperator(X, network=lin, noise=-1.0)
     with pytest.raises(ValueError, match="not broadcastable"):
-        FisherLinearOperator(X, linearization=lin, noise=torch.ones(5))
-    with pytest.raises(TypeError, match="linearization must be"):
-        FisherLinearOperator(X, linearization=net)
+        FisherLinearOperator(X, network=lin, noise=torch.ones(5))
+    with pytest.raises(
+        TypeError,
+        match="FisherLinearOperator: network must be a torch.nn.Module or a pyro_ntk.Linearization, got Tensor",
+    ):
+        FisherLinearOperator(X, network=X)
     with pytest.raises(ValueError, match="epsilon"):
-        FisherLinearOperator(X, linearization=lin, epsilon=0.0)
+        FisherLinearOperator(X, network=lin, epsilon=0.0)
 
 
 def _dense_fisher_at(J, f, likelihood, noise=None):
@@ -164,7 +165,7 @@ def test_outputs_keyword_evaluates_lambda_at_the_given_outputs(likelihood):
     lin = Linearization(net, implementation="functorch")
     J = reference_jacobian(net, X)
     f = reference_output(net, X) + 0.7 * torch.randn(X.shape[0], J.shape[1])
-    F = FisherLinearOperator(X, linearization=lin, likelihood=likelihood, outputs=f)
+    F = FisherLinearOperator(X, network=lin, likelihood=likelihood, outputs=f)
     dense = _dense_fisher_at(J, f, likelihood)
     assert not torch.allclose(dense, _dense_fisher(net, X, likelihood), atol=1e-6)
     V = torch.randn(lin.num_params, 4)
@@ -177,12 +178,12 @@ def test_outputs_keyword_bad_input_is_named():
     net, X, _, _ = _setup("categorical")
     lin = Linearization(net)
     with pytest.raises(ValueError, match=r"outputs must be finite with shape \(N, O\)"):
-        FisherLinearOperator(X, linearization=lin, likelihood="categorical", outputs=X[:, :2])
+        FisherLinearOperator(X, network=lin, likelihood="categorical", outputs=X[:, :2])
     with pytest.raises(TypeError, match="outputs must be a tensor"):
-        FisherLinearOperator(X, linearization=lin, likelihood="categorical", outputs=[1.0])
+        FisherLinearOperator(X, network=lin, likelihood="categorical", outputs=[1.0])
     with pytest.raises(ValueError, match="outputs= needs method='exact'"):
         FisherLinearOperator(
-            X, linearization=lin, likelihood="categorical", method="finite_difference",
+            X, network=lin, likelihood="categorical", method="finite_difference",
             outputs=torch.zeros(X.shape[0], 3),
         )  # fmt: skip
 
@@ -202,7 +203,7 @@ class _FisherMixin:
         X = 2 * torch.randn(40, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         return FisherLinearOperator(
             X,
-            linearization=Linearization(net, implementation="functorch"),
+            network=Linearization(net, implementation="functorch"),
             noise=0.5,
             method=self.method,
         )
@@ -235,7 +236,7 @@ def test_batched_right_hand_sides_fold_into_columns():
     net, X, kwargs, noise = _setup("bernoulli")
     lin = Linearization(net, implementation="functorch")
     for method in ("exact", "finite_difference"):
-        F = FisherLinearOperator(X, linearization=lin, likelihood="bernoulli", method=method)
+        F = FisherLinearOperator(X, network=lin, likelihood="bernoulli", method=method)
         V = torch.randn(2, 3, lin.num_params, 4)
         flat = F @ V.permute(2, 0, 1, 3).reshape(lin.num_params, -1)
         torch.testing.assert_close(F @ V, flat.reshape(lin.num_params, 2, 3, 4).permute(1, 2, 0, 3))

@@ -39,9 +39,7 @@ class TestJacobianLinearOperator(RectangularLinearOperatorTestCase, unittest.Tes
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
         X = torch.randn(3, 3, generator=torch.Generator().manual_seed(1))
-        return JacobianLinearOperator(
-            X, linearization=Linearization(net, implementation="functorch")
-        )
+        return JacobianLinearOperator(X, network=Linearization(net, implementation="functorch"))
 
     def evaluate_linear_op(self, linear_op):
         return dense_jacobian(linear_op)
@@ -73,7 +71,7 @@ def case(request):
     net, X = request.param.build(n=4)
     before = snapshot(net)
     lin = Linearization(net, request.param.params, implementation="functorch")
-    J = JacobianLinearOperator(X, linearization=lin)
+    J = JacobianLinearOperator(X, network=lin)
     ref = reference_jacobian(net, X, request.param.params)
     yield J, ref.reshape(-1, ref.shape[-1]), net
     assert_unchanged(net, before)
@@ -135,7 +133,7 @@ def _small():
 
 def test_whole_example_slices_stay_lazy():
     net, X = _small()
-    J = JacobianLinearOperator(X, linearization=Linearization(net))
+    J = JacobianLinearOperator(X, network=Linearization(net))
     sub = J[2:6]  # examples 1 and 2 (O = 2)
     assert isinstance(sub, JacobianLinearOperator)
     assert torch.equal(sub.X, X[1:3])
@@ -146,7 +144,7 @@ def test_dtype_conversion_copies_the_network():
     net, X = _small()
     before = snapshot(net)
     lin = Linearization(net)
-    J = JacobianLinearOperator(X, linearization=lin)
+    J = JacobianLinearOperator(X, network=lin)
     Jf = J.float()
     assert Jf.dtype == torch.float32 and Jf.linearization.dtype == torch.float32
     assert Jf.linearization.network is not net
@@ -172,15 +170,18 @@ def test_conversion_uses_theta_star_not_the_current_weights():
 def test_bad_input():
     net, X = _small()
     lin = Linearization(net)
-    with pytest.raises(TypeError, match="linearization must be a pyro_ntk.Linearization"):
-        JacobianLinearOperator(X, linearization=net)
+    with pytest.raises(
+        TypeError,
+        match="JacobianLinearOperator: network must be a torch.nn.Module or a pyro_ntk.Linearization, got Tensor",
+    ):
+        JacobianLinearOperator(X, network=X)
     with pytest.raises(TypeError, match="X must be a torch.Tensor"):
-        JacobianLinearOperator(X.tolist(), linearization=lin)
+        JacobianLinearOperator(X.tolist(), network=lin)
     with pytest.raises(TypeError, match="dtype"):
-        JacobianLinearOperator(X.float(), linearization=lin)
+        JacobianLinearOperator(X.float(), network=lin)
     with pytest.raises(ValueError, match="feature shape"):
-        JacobianLinearOperator(torch.randn(4, 7), linearization=lin)
-    J = JacobianLinearOperator(X, linearization=lin)
+        JacobianLinearOperator(torch.randn(4, 7), network=lin)
+    J = JacobianLinearOperator(X, network=lin)
     with pytest.raises((ValueError, RuntimeError)):
         J @ torch.randn(J.shape[1] + 1, 2)
     with pytest.raises(TypeError, match="floating-point"):

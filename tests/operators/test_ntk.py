@@ -73,7 +73,7 @@ class _NTKMixin:
         return NTKLinearOperator(
             X,
             variance=torch.tensor(self.variance),
-            linearization=Linearization(net, implementation="functorch"),
+            network=Linearization(net, implementation="functorch"),
         )
 
     def evaluate_linear_op(self, linear_op):
@@ -100,7 +100,7 @@ class TestNTKCrossLinearOperator(RectangularLinearOperatorTestCase, unittest.Tes
             X1,
             X2,
             torch.tensor([0.5, 1.0, 2.0]),
-            linearization=Linearization(net, implementation="functorch"),
+            network=Linearization(net, implementation="functorch"),
         )
 
     def evaluate_linear_op(self, linear_op):
@@ -140,8 +140,8 @@ def case(request):
     variance = torch.rand(len(lin.groups)) + 0.5
     scale = reference_scale(net, variance, set(lin.space.names))
     names = list(lin.space.names)
-    K = NTKLinearOperator(X1, variance=variance, linearization=lin)
-    Kx = NTKLinearOperator(X1, X2, variance, linearization=lin)
+    K = NTKLinearOperator(X1, variance=variance, network=lin)
+    Kx = NTKLinearOperator(X1, X2, variance, network=lin)
     ref = reference_ntk(net, X1, params=names, scale=scale)
     ref_x = reference_ntk(net, X1, X2, params=names, scale=scale)
     yield K, Kx, ref, ref_x, net
@@ -171,7 +171,7 @@ def test_transpose_and_symmetry(case):
     assert_rel(Kx._t_matmul(U), ref_x.T @ U)
     assert_rel(Kx.mT @ U, ref_x.T @ U)
     assert_rel(U.T @ Kx, U.T @ ref_x)
-    swapped = NTKLinearOperator(Kx.X2, Kx.X1, Kx.variance, linearization=Kx.linearization)
+    swapped = NTKLinearOperator(Kx.X2, Kx.X1, Kx.variance, network=Kx.linearization)
     assert_rel(swapped.to_dense(), Kx.to_dense().T)  # K(X2, X1) = K(X1, X2)ᵀ
     assert K.mT is K and K.symmetric and not Kx.symmetric
 
@@ -182,7 +182,7 @@ def test_diagonal(case):
     assert_rel(K._approx_diagonal(), ref.diagonal())
     # square but X1 ≠ X2: the diagonal of J1 Σ J2ᵀ, not of K(X1, X1)
     X2 = Kx.X2[torch.tensor([0, 1, 2, 0])]
-    square = NTKLinearOperator(K.X1, X2, K.variance, linearization=K.linearization)
+    square = NTKLinearOperator(K.X1, X2, K.variance, network=K.linearization)
     scale = reference_scale(net, K.variance, set(K.linearization.space.names))
     expected = reference_ntk(
         net, K.X1, X2, params=list(K.linearization.space.names), scale=scale
@@ -209,7 +209,7 @@ def test_variance_gradient_of_bilinear_form(case):
     K, Kx, ref, ref_x, net = case
     for op in (K, Kx):
         variance = op.variance.detach().clone().requires_grad_(True)
-        op = NTKLinearOperator(op.X1, op.X2, variance, linearization=op.linearization)
+        op = NTKLinearOperator(op.X1, op.X2, variance, network=op.linearization)
         U, V = torch.randn(op.shape[0], 2), torch.randn(op.shape[1], 2)
         (custom,) = [g for g in op._bilinear_derivative(U, V) if g is not None]
         names = set(op.linearization.space.names)
@@ -255,7 +255,7 @@ def test_variance_gradient_through_solves_and_logdet():
     # Cholesky path (to_dense through the engine): exact.
     v = torch.tensor([1.0, 2.0, 0.5], requires_grad=True)
     with linear_operator.settings.max_cholesky_size(10_000):
-        iq, ld = loss(NTKLinearOperator(X, variance=v, linearization=lin), v)
+        iq, ld = loss(NTKLinearOperator(X, variance=v, network=lin), v)
     assert_rel(torch.autograd.grad(iq, v, retain_graph=True)[0], g_iq_ref, 1e-8)
     assert_rel(torch.autograd.grad(ld, v)[0], g_ld_ref, 1e-8)
 
@@ -266,9 +266,7 @@ def test_variance_gradient_through_solves_and_logdet():
         linear_operator.settings.max_cholesky_size(0),
         linear_operator.settings.cg_tolerance(1e-6),
     ):
-        Kn = NTKLinearOperator(X, variance=v, linearization=lin).add_diagonal(
-            torch.full((8,), noise)
-        )
+        Kn = NTKLinearOperator(X, variance=v, network=lin).add_diagonal(torch.full((8,), noise))
         iq = Kn.inv_quad(y.unsqueeze(-1)).sum()
     assert_rel(iq.detach(), iq_ref.detach(), 1e-5)
     assert_rel(torch.autograd.grad(iq, v)[0], g_iq_ref, 1e-5)
@@ -276,7 +274,7 @@ def test_variance_gradient_through_solves_and_logdet():
 
 def test_pivoted_cholesky_preconditioner_uses_rows_not_dense():
     net, X, lin = _small(n=12)
-    K = NTKLinearOperator(X, variance=torch.tensor(2.0), linearization=lin)
+    K = NTKLinearOperator(X, variance=torch.tensor(2.0), network=lin)
     Kd = _dense(net, X, variance=torch.tensor(2.0))
     noise = DiagLinearOperator(torch.full((12,), 0.05))
     y = torch.randn(12, 1)
@@ -306,7 +304,7 @@ def test_pivoted_cholesky_preconditioner_uses_rows_not_dense():
 def test_exact_root_and_samples():
     net, X, lin = _small(d_out=2, n=3)
     variance = torch.tensor([1.0, 2.0, 0.5], requires_grad=True)
-    K = NTKLinearOperator(X, variance=variance, linearization=lin)
+    K = NTKLinearOperator(X, variance=variance, network=lin)
     R = K.root_decomposition(method="exact")
     assert isinstance(R, RootLinearOperator)
     assert R.root.shape == (6, lin.num_params)  # σ·J
@@ -329,7 +327,7 @@ def test_exact_root_and_samples():
         assert default.root.shape[-1] == 6
         assert_rel(default.to_dense().detach(), Kd, 1e-7)
     with pytest.raises(RuntimeError, match="only defined when X2 is X1"):
-        NTKLinearOperator(X, X[:2], linearization=lin).jacobian_root()
+        NTKLinearOperator(X, X[:2], network=lin).jacobian_root()
 
 
 def _jacobian(net, X):
@@ -341,7 +339,7 @@ def _jacobian(net, X):
 
 def test_batch_broadcasting():
     net, X, lin = _small(n=4)
-    K = NTKLinearOperator(X, variance=1.5, linearization=lin)
+    K = NTKLinearOperator(X, variance=1.5, network=lin)
     Kd = _dense(net, X, variance=torch.tensor(1.5))
     E = K.expand(3, 4, 4)
     assert E.shape == (3, 4, 4)
@@ -358,8 +356,8 @@ def test_batch_broadcasting():
 def test_chunked_equals_unchunked():
     net, X, lin = _small(d_out=2, n=5)
     chunked = Linearization(net, implementation="functorch", chunk_size=2)
-    K = NTKLinearOperator(X, variance=torch.tensor([1.0, 2.0, 0.5]), linearization=lin)
-    Kc = NTKLinearOperator(X, variance=torch.tensor([1.0, 2.0, 0.5]), linearization=chunked)
+    K = NTKLinearOperator(X, variance=torch.tensor([1.0, 2.0, 0.5]), network=lin)
+    Kc = NTKLinearOperator(X, variance=torch.tensor([1.0, 2.0, 0.5]), network=chunked)
     V = torch.randn(10, 3)
     rows = torch.tensor([9, 0, 4])
     torch.testing.assert_close(Kc @ V, K @ V, rtol=1e-12, atol=1e-12)
@@ -372,7 +370,7 @@ def test_dtype_conversion_copies_the_network():
     net, X, lin = _small(n=4)
     before = snapshot(net)
     variance = torch.tensor([1.0, 2.0, 0.5])
-    K = NTKLinearOperator(X, variance=variance, linearization=lin)
+    K = NTKLinearOperator(X, variance=variance, network=lin)
     Kf = K.float()
     assert Kf.dtype == torch.float32 and Kf.variance.dtype == torch.float32
     assert Kf.linearization.network is not net and Kf.symmetric
@@ -387,22 +385,25 @@ def test_dtype_conversion_copies_the_network():
 def test_bad_input():
     net, X, lin = _small(n=4)
     with pytest.raises(ValueError, match=r"variance has shape \(2,\); expected a scalar or \(3,\)"):
-        NTKLinearOperator(X, variance=torch.ones(2), linearization=lin)
+        NTKLinearOperator(X, variance=torch.ones(2), network=lin)
     with pytest.raises(ValueError, match="non-negative"):
-        NTKLinearOperator(X, variance=torch.tensor([1.0, -1.0, 1.0]), linearization=lin)
+        NTKLinearOperator(X, variance=torch.tensor([1.0, -1.0, 1.0]), network=lin)
     with pytest.raises(TypeError, match="variance has dtype torch.float32"):
-        NTKLinearOperator(X, variance=torch.ones(3, dtype=torch.float32), linearization=lin)
+        NTKLinearOperator(X, variance=torch.ones(3, dtype=torch.float32), network=lin)
     with pytest.raises(ValueError, match="NaN or infinite"):
-        NTKLinearOperator(X, variance=torch.tensor(float("nan")), linearization=lin)
+        NTKLinearOperator(X, variance=torch.tensor(float("nan")), network=lin)
     with pytest.raises(TypeError, match="X2 must be a torch.Tensor"):
-        NTKLinearOperator(X, [[0.0, 1.0, 2.0]], linearization=lin)
+        NTKLinearOperator(X, [[0.0, 1.0, 2.0]], network=lin)
     with pytest.raises(TypeError, match="dtype"):
-        NTKLinearOperator(X.float(), linearization=lin)
+        NTKLinearOperator(X.float(), network=lin)
     with pytest.raises(ValueError, match="feature shape"):
-        NTKLinearOperator(X, torch.randn(2, 5), linearization=lin)
-    with pytest.raises(TypeError, match="linearization must be a pyro_ntk.Linearization"):
-        NTKLinearOperator(X, linearization=net)
-    K = NTKLinearOperator(X, linearization=lin)
+        NTKLinearOperator(X, torch.randn(2, 5), network=lin)
+    with pytest.raises(
+        TypeError,
+        match="NTKLinearOperator: network must be a torch.nn.Module or a pyro_ntk.Linearization, got Tensor",
+    ):
+        NTKLinearOperator(X, network=X)
+    K = NTKLinearOperator(X, network=lin)
     with pytest.raises((ValueError, RuntimeError)):
         K @ torch.randn(5, 2)
 
@@ -421,7 +422,7 @@ def test_every_engine_inside_linear_operator(implementation, case_name):
     c = CASES[CASE_IDS.index(case_name)]
     net, X = c.build(n=4)
     lin = Linearization(net, c.params, implementation=implementation)
-    K = NTKLinearOperator(X, variance=torch.tensor(1.5), linearization=lin)
+    K = NTKLinearOperator(X, variance=torch.tensor(1.5), network=lin)
     ref = reference_ntk(net, X, params=c.params) * 1.5
     V = torch.randn(ref.shape[1], 3)
     assert_rel(K @ V, ref @ V)  # first product: built inside Matmul's forward
