@@ -7,10 +7,12 @@ early stopping on a fifth of them), then adapted to the *older* patients from a 
 them, and scored on all the remaining older patients. Four adaptations are compared:
 
 * **NTK-GP**: :class:`pyro_ntk.NTKGPRegression`, the GP with the network as mean and its
-  empirical NTK as kernel; noise s² and variance σ² fitted by SVI on the marginal likelihood;
+  empirical NTK as kernel; noise s² and variance σ² fitted by :func:`pyro_ntk.fit` (L-BFGS on
+  the marginal likelihood, from initial values read off the data);
 * **fine-tuning** a copy of the network (Adam, all weights);
 * **last layer retrained** (Adam, the other layers frozen);
-* **RBF GP** (``pyro.contrib.gp``, ARD lengthscales, fitted by SVI), which ignores the network.
+* **RBF GP** (``pyro.contrib.gp``, ARD lengthscales, fitted by the same ``fit``), which ignores
+  the network.
 
 The network baselines predict N(f(x), ŝ²) with ŝ² their mean squared training residual on
 the adaptation points (the ML plug-in); a network that interpolates its few points gets a
@@ -94,9 +96,9 @@ def main(
 def _run(smoke_test: bool, out_dir: str, seeds: int, num_target: int, progress: bool):
     t0 = time.perf_counter()
     steps = (
-        dict(source_steps=150, finetune_steps=30, svi_steps=20)
+        dict(source_steps=150, finetune_steps=30)
         if smoke_test
-        else dict(source_steps=2000, finetune_steps=500, svi_steps=300)
+        else dict(source_steps=2000, finetune_steps=500)
     )
     scores = {m: [] for m in METHODS}
     first = None

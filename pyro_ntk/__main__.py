@@ -1,33 +1,63 @@
-"""Command line: ``python -m pyro_ntk demo [options]`` (``make demo`` runs it with defaults)."""
+"""Command line: ``pyro-ntk demo [options]``, or ``python -m pyro_ntk demo [options]``.
+
+``make demo`` runs it with defaults; ``pyro-ntk demo --quick`` is a smoke check of seconds.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 DEMO_HELP = """\
 Adapt a trained network to a new task from a few points, and compare: the NTK-GP of
-pyro_ntk (the network as mean, its empirical NTK as kernel, noise and variance fitted by SVI)
+pyro_ntk (the network as mean, its empirical NTK as kernel, noise and variance fitted by
+pyro_ntk.fit on the marginal likelihood)
 against fine-tuning, retraining the last layer, and an RBF-kernel GP (pyro.contrib.gp).
 Prints RMSE, NLL, 95% coverage and seconds per method on the target's test points and
 writes a PNG of the predictive bands. With --task digits (classification) the NTK method is
 the linearized Laplace (pyro_ntk.LinearizedLaplace, prior chosen by the evidence; Bayes and
 tempered, T by cross-validation on the labelled images), the GP a
 VariationalGP classifier, and the table gives accuracy, NLL, calibration error (ECE) and
-seconds, with a PNG of reliability diagrams. The source network is trained once and cached."""
+seconds, with a PNG of reliability diagrams. The source network is trained once and cached.
+--quick runs a small, fast configuration for smoke checks (seconds on a CPU, the source
+network included; its figures are not the documented ones)."""
+
+CONSOLE_COMMAND = "pyro-ntk"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``python -m pyro_ntk``.
+def program_name(argv0: str | None = None) -> str:
+    """``pyro-ntk`` when run through the console script, else ``python -m pyro_ntk``.
+
+    Args:
+        argv0: the program's path (default: ``sys.argv[0]``).
+
+    Returns:
+        The name the usage and error messages show.
+
+    Example:
+        >>> program_name("/venv/bin/pyro-ntk"), program_name("/src/pyro_ntk/__main__.py")
+        ('pyro-ntk', 'python -m pyro_ntk')
+    """
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    stem = os.path.splitext(os.path.basename(argv0 or ""))[0]  # pyro-ntk.exe on Windows
+    return CONSOLE_COMMAND if stem == CONSOLE_COMMAND else "python -m pyro_ntk"
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of ``pyro-ntk`` (``python -m pyro_ntk``).
+
+    Args:
+        prog: the program name in usage and errors (default: :func:`program_name`).
 
     Returns:
         The parser, with one sub-command per command (``demo``).
     """
-    from pyro_ntk.demo import TASKS, DemoConfig, default_cache_dir
+    from pyro_ntk.demo import QUICK, TASKS, DemoConfig, default_cache_dir
 
     d = DemoConfig()
     parser = argparse.ArgumentParser(
-        prog="python -m pyro_ntk",
+        prog=program_name() if prog is None else prog,
         description="pyro_ntk: trained networks as Gaussian processes with their empirical NTK.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -74,18 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
         "$XDG_CACHE_HOME); an empty string disables the cache",
     )
     demo.add_argument(
-        "--svi-steps",
+        "--fit-steps",
         type=int,
-        default=d.svi_steps,
-        help="SVI steps fitting each GP (digits: also the Adam steps on the NTK method's "
-        "Laplace evidence)",
+        default=argparse.SUPPRESS,
+        metavar="N",
+        help="step cap of each GP's hyperparameter fit (pyro_ntk.fit stops earlier once "
+        "converged, and warns if it reaches the cap first; default: fit's own cap)",
     )
     demo.add_argument(
         "--finetune-steps",
         type=int,
-        default=d.finetune_steps,
-        help="Adam steps of fine-tuning and of last-layer retraining (digits: of fine-tuning; "
-        "the new last layer is fitted by L-BFGS)",
+        default=argparse.SUPPRESS,
+        metavar="N",
+        help=f"Adam steps of fine-tuning and of last-layer retraining (default: "
+        f"{d.finetune_steps}; digits: of fine-tuning, the new last layer is fitted by L-BFGS)",
     )
     demo.add_argument(
         "--source-steps",
@@ -100,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fit one NTK variance per layer instead of a single one (regression tasks; "
         "digits always fits one per layer)",
+    )
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a small, fast configuration for smoke checks: {QUICK['num_source']} source "
+        f"and {QUICK['num_test']} test points (sine), {QUICK['source_steps']} source steps, "
+        f"{QUICK['finetune_steps']} fine-tuning steps, at most {QUICK['fit_steps']} steps per "
+        "fit (options given explicitly take precedence); seconds on a CPU including "
+        "training the source network; its figures are not the documented ones, and a fit "
+        "that reaches its step cap warns",
     )
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars (tqdm)")
     demo.add_argument("--no-plot", action="store_true", help="do not write the PNG")
@@ -120,20 +162,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from pyro_ntk.demo import DemoConfig, run_demo
 
-        cfg = DemoConfig(
+        options = dict(
             task=args.task,
             num_target=args.num_target,
             seed=args.seed,
             device=args.device,
             out_dir=args.out_dir,
-            cache_dir=getattr(args, "cache_dir", None),
-            svi_steps=args.svi_steps,
-            finetune_steps=args.finetune_steps,
-            source_steps=getattr(args, "source_steps", None),
             layer_variances=args.layer_variances,
             progress=not args.no_progress,
             plot=not args.no_plot,
         )
+        for name in ("cache_dir", "fit_steps", "finetune_steps", "source_steps"):
+            if hasattr(args, name):  # given on the command line
+                options[name] = getattr(args, name)
+        if args.quick:
+            cfg = DemoConfig.quick(**options)
+            print(
+                f"quick  : smoke-check sizes ({cfg.num_source} source points, "
+                f"{cfg.resolved_source_steps()} source steps, {cfg.num_test} test points, "
+                f"fit <= {cfg.fit_steps} steps, fine-tuning {cfg.finetune_steps} steps); "
+                "not the documented figures"
+            )
+        else:
+            cfg = DemoConfig(**options)
         try:
             run_demo(cfg)
         except ValueError as err:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import pytest
 import torch
 from networks import assert_unchanged, snapshot
 
-from pyro_ntk.__main__ import build_parser, main
+from pyro_ntk.__main__ import build_parser, main, program_name
 from pyro_ntk.demo import (
     DemoConfig,
     diabetes_data,
@@ -19,6 +20,7 @@ from pyro_ntk.demo import (
     ntk_gp,
     rbf_gp,
     run_demo,
+    run_settings,
     sine_data,
     source_network,
 )
@@ -39,7 +41,6 @@ def tiny(tmp_path, **kw) -> DemoConfig:
         num_test=25,
         source_steps=30,
         finetune_steps=10,
-        svi_steps=4,
         progress=False,
         plot=False,
         out_dir=str(tmp_path / "out"),
@@ -98,10 +99,11 @@ def test_adaptation_never_modifies_the_source_network(tmp_path):
     net, how = source_network(cfg, data, torch.device("cpu"))
     assert "cached" not in how  # cache disabled
     before = snapshot(net)
-    ntk_gp(net, data, cfg)
-    fine_tune(net, data, cfg)
-    last_layer(net, data, cfg)
-    rbf_gp(net, data, cfg)
+    with run_settings():  # as run_demo runs them: float64, module-local Pyro parameters
+        ntk_gp(net, data, cfg)
+        fine_tune(net, data, cfg)
+        last_layer(net, data, cfg)
+        rbf_gp(net, data, cfg)
     assert_unchanged(net, before)
 
 
@@ -134,7 +136,7 @@ def test_every_cli_option_is_documented():
 
 def test_cli_runs_and_rejects_bad_input(tmp_path, capsys):
     args = ["demo", "--num-target", "5", "--source-steps", "20", "--finetune-steps", "5"]
-    args += ["--svi-steps", "3", "--no-progress", "--no-plot", "--cache-dir", ""]
+    args += ["--no-progress", "--no-plot", "--cache-dir", ""]
     args += ["--out-dir", str(tmp_path)]
     assert main(args) == 0
     assert "NTK-GP (pyro_ntk)" in capsys.readouterr().out
@@ -153,3 +155,47 @@ def test_cli_runs_and_rejects_bad_input(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["demo", "--device", "cuda", "--no-progress"])
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_cli_quick_runs_without_scikit_learn_or_matplotlib(tmp_path, capsys, monkeypatch):
+    """``pyro-ntk demo --quick``, as CI runs it from a wheel: the cache off, no extras."""
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # importing them raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    args = ["demo", "--quick", "--no-progress", "--cache-dir", "", "--out-dir", str(tmp_path)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    q = DemoConfig.quick()
+    assert f"quick  : smoke-check sizes ({q.num_source} source points" in printed
+    assert f"from 10 points, {q.num_test} test points" in printed
+    assert "source network trained in" in printed and "cached" not in printed
+    assert "RMSE        NLL  95% cover  seconds" in printed
+    assert all(m in printed for m in METHODS)
+    assert "figure : skipped (matplotlib is not installed)" in printed
+    assert not list(tmp_path.iterdir())  # no PNG, and no cache entry
+
+    with pytest.raises(SystemExit) as err:  # the tasks that need scikit-learn say so
+        main(["demo", "--quick", "--task", "diabetes", "--no-progress", "--cache-dir", ""])
+    assert err.value.code == 2
+    assert "--task diabetes needs scikit-learn" in capsys.readouterr().err
+
+
+def test_quick_is_smaller_and_explicit_options_take_precedence():
+    d, q = DemoConfig(), DemoConfig.quick()
+    assert q.num_test < d.num_test and q.num_source < d.num_source
+    assert q.resolved_source_steps() < d.resolved_source_steps()
+    assert q.finetune_steps < d.finetune_steps and q.fit_steps is not None
+    assert DemoConfig.quick(source_steps=20, num_test=7).resolved_source_steps() == 20
+    parsed = build_parser().parse_args(["demo", "--quick", "--finetune-steps", "3"])
+    assert parsed.quick and parsed.finetune_steps == 3
+    assert not hasattr(build_parser().parse_args(["demo"]), "finetune_steps")  # default: cfg's
+
+
+def test_program_name_is_the_console_command_when_run_through_it(monkeypatch):
+    assert program_name("/venv/bin/pyro-ntk") == "pyro-ntk"
+    assert program_name("/venv/Scripts/pyro-ntk.exe") == "pyro-ntk"
+    assert program_name("/src/pyro_ntk/__main__.py") == "python -m pyro_ntk"
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/pyro-ntk", "demo"])
+    assert build_parser().prog == "pyro-ntk"
+    assert build_parser().format_usage().startswith("usage: pyro-ntk ")
+    monkeypatch.setattr(sys, "argv", ["/src/pyro_ntk/__main__.py"])
+    assert build_parser().prog == "python -m pyro_ntk"

@@ -43,7 +43,6 @@ def tiny(tmp_path, **kw) -> DemoConfig:
         num_target=2,
         source_steps=20,
         finetune_steps=5,
-        svi_steps=3,
         progress=False,
         plot=False,
         out_dir=str(tmp_path / "out"),
@@ -187,7 +186,7 @@ def test_cli_digits_help_and_bad_k(tmp_path, capsys):
     assert "digits" in capsys.readouterr().out
 
     args = ["demo", "--task", "digits", "--num-target", "1", "--source-steps", "10"]
-    args += ["--finetune-steps", "3", "--svi-steps", "3", "--no-progress", "--no-plot"]
+    args += ["--finetune-steps", "3", "--no-progress", "--no-plot"]
     args += ["--cache-dir", "", "--out-dir", str(tmp_path)]
     assert main(args) == 0
     printed = capsys.readouterr().out

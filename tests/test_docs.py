@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import pkgutil
 import re
+import warnings
 from pathlib import Path
 
+import pyro.contrib.gp as gp
+import pytest
 import torch
 from networks import assert_unchanged, snapshot
 
 import pyro_ntk
+from pyro_ntk import Linearization
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -45,11 +50,55 @@ def test_readme_example_is_the_quickstart_page():
     )
 
 
-def test_readme_example_runs():
+@pytest.fixture(scope="module")
+def readme_example() -> dict:
+    """The namespace of README.md's example, run as written, and the warnings it raised."""
     code = _python_blocks((ROOT / "README.md").read_text())[0]
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
-    mean, var, net, gpr = namespace["mean"], namespace["var"], namespace["net"], namespace["gpr"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # the one third-party warning the test suite ignores (pyproject.toml): linear_operator
+        # decorates its helpers with torch.jit.script when it is first imported
+        warnings.filterwarnings("ignore", ".*torch.jit.script.*", DeprecationWarning)
+        exec(compile(code, "README.md", "exec"), namespace)
+    namespace["__warnings__"] = [f"{w.category.__name__}: {w.message}" for w in caught]
+    return namespace
+
+
+def test_readme_example_fit_converges_to_the_true_noise(readme_example):
+    assert readme_example["__warnings__"] == []
+    result = readme_example["result"]
+    assert result.converged, result.reason
+    assert result.losses[-1] < result.losses[0] and result.steps == len(result.losses)
+    noise = float(readme_example["gpr"].noise.detach())
+    assert 0.01 / 2 <= noise <= 0.01 * 2, noise  # the target's true noise is s² = 0.1² = 0.01
+    # the noise is what the marginal likelihood asks for: a dense float64 reference's optimum
+    gpr = readme_example["gpr"]
+    X, y = gpr.X.double(), gpr.y.double()
+    net64 = copy.deepcopy(readme_example["net"]).double()
+    K = Linearization(net64).ntk_dense(X).detach()
+    r = (y - net64(X).squeeze(-1)).detach()
+    log_params = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [log_params], max_iter=500, tolerance_grad=1e-10, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        opt.zero_grad()
+        s2, v = log_params.exp()
+        L = torch.linalg.cholesky(v * K + s2 * torch.eye(len(y), dtype=torch.float64))
+        loss = 0.5 * r @ torch.cholesky_solve(r[:, None], L).squeeze(-1) + L.diagonal().log().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    reference = float(log_params[0].detach().exp())
+    assert noise == pytest.approx(reference, rel=0.05)
+
+
+def test_readme_example_adapts_without_training_the_network(readme_example):
+    mean, var = readme_example["mean"], readme_example["var"]
+    net, gpr = readme_example["net"], readme_example["gpr"]
     assert mean.shape == var.shape == (100,)
     assert torch.isfinite(mean).all() and (var > 0).all()
     # the posterior mean moved from the source network towards the target task
@@ -58,9 +107,9 @@ def test_readme_example_runs():
     with torch.no_grad():
         source_error = (net(Xs).squeeze(-1) - truth).square().mean()
     assert (mean.detach() - truth).square().mean() < source_error
-    # fitting the GP did not train the network
+    # Pyro's own gp.util.train still works on the model, and does not train the network
     before = snapshot(net)
-    namespace["gp"].util.train(gpr, num_steps=2)
+    gp.util.train(pyro_ntk.NTKGPRegression(gpr.X, gpr.y, net), num_steps=2)
     assert_unchanged(net, before)
 
 

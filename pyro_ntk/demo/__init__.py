@@ -9,12 +9,14 @@ on the target's held-out test points.
 * **source network** — the trained network as it is, no adaptation (reference);
 * **NTK-GP (pyro_ntk)** — :class:`~pyro_ntk.NTKGPRegression`: the GP whose mean is the
   network and whose kernel is its empirical NTK; the noise s² and the kernel variance σ²
-  (or one per layer) are fitted by SVI on the marginal likelihood. The network is not trained;
+  (or one per layer) start from values scaled to the data and are fitted by
+  :func:`~pyro_ntk.infer.fit` (L-BFGS on the exact marginal likelihood). The network is not
+  trained;
 * **fine-tuning** — a copy of the network trained on the target points by Adam;
 * **last layer retrained** — a copy whose last ``nn.Linear`` alone is trained on the target
   points by Adam (the other layers frozen);
 * **RBF GP (pyro.contrib.gp)** — ``GPRegression`` with an ``RBF`` kernel, fitted by
-  SVI the same way, ignoring the network.
+  the same :func:`~pyro_ntk.infer.fit`, ignoring the network.
 
 The two network baselines have no uncertainty of their own; they predict
 :math:`\mathcal{N}(f(x), \hat s^2)` with :math:`\hat s^2` the maximum-likelihood noise on the
@@ -39,7 +41,7 @@ target tasks drawn from it), ``diabetes`` (scikit-learn's bundled diabetes table
 patients from a few of them) and ``digits`` (:func:`pyro_ntk.datasets.digits_transfer`).
 
 Modules: :mod:`~pyro_ntk.demo.config` (options and records), :mod:`~pyro_ntk.demo.tasks`
-(data and architectures), :mod:`~pyro_ntk.demo.training` (Adam and SVI loops, cached source
+(data and architectures), :mod:`~pyro_ntk.demo.training` (Adam loops, cached source
 network), :mod:`~pyro_ntk.demo.methods` (regression adaptations),
 :mod:`~pyro_ntk.demo.classification` (digits adaptations), :mod:`~pyro_ntk.demo.report`
 (table and plots), :mod:`~pyro_ntk.demo.runner` (:func:`run_demo`). The classification
@@ -50,6 +52,7 @@ Laplace) are library functions of :mod:`pyro_ntk.adaptation`.
 from __future__ import annotations
 
 from pyro_ntk.demo.classification import classification_scores as classification_scores
+from pyro_ntk.demo.config import QUICK as QUICK
 from pyro_ntk.demo.config import TASKS as TASKS
 from pyro_ntk.demo.config import Z95 as Z95
 from pyro_ntk.demo.config import ClassificationResult as ClassificationResult
@@ -75,6 +78,7 @@ from pyro_ntk.demo.training import source_network as source_network
 from pyro_ntk.demo.training import train_mse as train_mse
 
 __all__ = [
+    "QUICK",
     "TASKS",
     "Z95",
     "ClassificationResult",

@@ -23,8 +23,8 @@ the body frozen (multinomial logistic regression, L-BFGS, weight decay 0.1 fixed
 * **last layer retrained** — θ* itself (MAP predictions);
 * **RBF GP (pyro.contrib.gp)** — ``VariationalGP`` with an isotropic ``RBF`` kernel on the
   64 pixels and the ``MultiClass`` likelihood (one latent GP per class, zero mean), its
-  hyperparameters and variational parameters fitted by SVI; probit predictive. It ignores the
-  network.
+  hyperparameters and variational parameters fitted by :func:`~pyro_ntk.infer.fit` (Adam on
+  the ELBO); probit predictive. It ignores the network.
 
 The seconds of the network methods include fitting the new last layer (and, for the tempered
 Laplace, the T = 1 Laplace whose σ_g² it reuses, and the cross-validation).
@@ -46,7 +46,8 @@ from pyro_ntk.adaptation import (
     tempered_laplace,
 )
 from pyro_ntk.demo.config import ClassificationResult, Data, DemoConfig
-from pyro_ntk.demo.training import train_cross_entropy, train_svi
+from pyro_ntk.demo.training import train_cross_entropy
+from pyro_ntk.infer import fit
 
 ECE_BINS = 15
 
@@ -186,7 +187,7 @@ def fine_tune_classifier(start: KShotStart, data: Data, cfg: DemoConfig) -> tupl
 
 
 def rbf_gp_classifier(data: Data, cfg: DemoConfig) -> tuple:
-    """**RBF GP**: a ``VariationalGP`` classifier on the pixels, fitted by SVI; and the model."""
+    """**RBF GP**: a ``VariationalGP`` classifier on the pixels, fitted by ``fit``; and the model."""
     import pyro.contrib.gp as gp
 
     from pyro_ntk import gp_class_probabilities
@@ -203,7 +204,7 @@ def rbf_gp_classifier(data: Data, cfg: DemoConfig) -> tuple:
         X, data.y_target, kernel, gp.likelihoods.MultiClass(num_classes=data.num_classes),
         latent_shape=torch.Size([data.num_classes]), whiten=True, jitter=1e-5,
     )  # fmt: skip
-    train_svi(model, cfg.svi_steps, 0.05, "RBF GP classifier: SVI", cfg.progress)
+    fit(model, max_steps=cfg.fit_steps, progress=cfg.progress, desc="RBF GP classifier: fitting")
     probs = gp_class_probabilities(model, Xtest)
     seconds = time.perf_counter() - t0
     return _result("RBF GP (pyro.contrib.gp)", probs, data, seconds), model
@@ -217,7 +218,7 @@ def classification_methods(
     Args:
         net: the trained source network (never modified).
         data: the classification transfer problem.
-        cfg: the configuration (``finetune_steps``, ``svi_steps``, ``seed``, ``progress``).
+        cfg: the configuration (``finetune_steps``, ``fit_steps``, ``seed``, ``progress``).
 
     Returns:
         The results in the table's order: NTK (Laplace, tempered Laplace), fine-tuning,

@@ -11,6 +11,9 @@ from torch import Tensor
 
 TASKS = ("sine", "diabetes", "digits")
 SOURCE_STEPS = {"sine": 3000, "diabetes": 3000, "digits": 1000}  # default Adam steps per task
+#: ``--quick``: a configuration for smoke checks, seconds on a CPU (figures not meaningful).
+QUICK = {"num_source": 200, "num_test": 100, "source_steps": 300, "finetune_steps": 100,
+         "fit_steps": 100}  # fmt: skip
 Z95 = 1.959963984540054
 
 
@@ -33,8 +36,9 @@ class DemoConfig:
             :data:`SOURCE_STEPS` (digits: minibatches of 64 images).
         finetune_steps: Adam steps of fine-tuning and of last-layer retraining (digits: of
             fine-tuning; its new last layer is fitted by L-BFGS).
-        svi_steps: SVI steps fitting each GP's hyperparameters (digits: also the Adam steps
-            on the Laplace evidence, in three rounds).
+        fit_steps: the step cap of each GP's hyperparameter fit (:func:`pyro_ntk.infer.fit`,
+            which stops earlier once converged and warns if it reaches the cap first);
+            ``None``: ``fit``'s own cap.
         layer_variances: one NTK variance per layer instead of one in all (regression tasks;
             the digits task always fits one prior variance per layer).
         progress: show tqdm progress bars.
@@ -51,10 +55,24 @@ class DemoConfig:
     num_test: int = 500
     source_steps: int | None = None
     finetune_steps: int = 500
-    svi_steps: int = 300
+    fit_steps: int | None = None
     layer_variances: bool = False
     progress: bool = True
     plot: bool = True
+
+    @classmethod
+    def quick(cls, **options) -> DemoConfig:
+        """The ``--quick`` configuration: :data:`QUICK`'s sizes and caps, then ``options``.
+
+        Fewer source points and steps, fewer test points, and step caps on fine-tuning and
+        on each fit, for smoke checks (seconds on a CPU, the source network included); the
+        figures it prints are not the documented ones. A fit that reaches its cap warns.
+
+        Example:
+            >>> DemoConfig.quick(task="sine", num_test=50).num_test
+            50
+        """
+        return cls(**{**QUICK, **options})
 
     def resolved_source_steps(self) -> int:
         """``source_steps``, or the task's default when it is ``None``."""

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from pyro_ntk.demo.config import Z95, Data, DemoConfig, Result
-from pyro_ntk.demo.training import train_mse, train_svi
+from pyro_ntk.demo.training import train_mse
+from pyro_ntk.infer import fit
 
 
 def gaussian_scores(mean: Tensor, var: Tensor, y: Tensor) -> tuple[float, float, float]:
@@ -65,7 +66,11 @@ def source_only(net: nn.Module, data: Data, cfg: DemoConfig) -> Result:
 
 
 def ntk_gp(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, object]:
-    """**NTK-GP**: :class:`~pyro_ntk.NTKGPRegression`, noise and variance(s) fitted by SVI.
+    """**NTK-GP**: :class:`~pyro_ntk.NTKGPRegression`, noise and variance(s) fitted by ``fit``.
+
+    No initial value is given: the model scales them to the data (residuals of the targets
+    about the network, diagonal of the kernel), and :func:`~pyro_ntk.infer.fit` maximises the
+    exact marginal likelihood from there, at most ``cfg.fit_steps`` steps.
 
     Returns:
         The result and the fitted model.
@@ -73,14 +78,13 @@ def ntk_gp(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, object]
     from pyro_ntk import NTKGPRegression
 
     t0 = time.perf_counter()
-    gpr = NTKGPRegression(
-        data.X_target,
-        data.y_target,
-        net,
-        noise=torch.tensor(0.1, device=data.X_target.device),
-        layer_variances=cfg.layer_variances,
+    gpr = NTKGPRegression(data.X_target, data.y_target, net, layer_variances=cfg.layer_variances)
+    fitted = fit(
+        gpr,
+        max_steps=cfg.fit_steps,
+        progress=cfg.progress,
+        desc="NTK-GP: fitting noise and variance",
     )
-    losses = train_svi(gpr, cfg.svi_steps, 0.05, "NTK-GP: SVI on noise and variance", cfg.progress)
     with torch.no_grad():
         mean, var = gpr(data.X_test, noiseless=False)
     seconds = time.perf_counter() - t0
@@ -88,9 +92,8 @@ def ntk_gp(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, object]
     shown = ", ".join(f"{v:.3g}" for v in variance.tolist())
     info = (
         f"NTK-GP fitted noise s2 = {float(gpr.noise.detach()):.3g}, variance(s) = {shown}; "
-        f"SVI loss {losses[0]:.2f} -> {losses[-1]:.2f}"
-        if losses
-        else ""
+        f"loss {fitted.losses[0]:.2f} -> {fitted.losses[-1]:.2f} in {fitted.steps} "
+        f"{fitted.method} steps"
     )
     scores = gaussian_scores(mean, var, data.y_test)
     return Result("NTK-GP (pyro_ntk)", *scores, seconds, mean, var, info), gpr
@@ -140,7 +143,7 @@ def last_layer(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, nn.
 
 
 def rbf_gp(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, object]:
-    """**RBF GP**: ``pyro.contrib.gp``'s ``GPRegression`` (ARD ``RBF``), fitted by SVI; and it."""
+    """**RBF GP**: ``pyro.contrib.gp``'s ``GPRegression`` (ARD ``RBF``), fitted by ``fit``; and it."""
     import pyro.contrib.gp as gp
 
     t0 = time.perf_counter()
@@ -154,7 +157,12 @@ def rbf_gp(net: nn.Module, data: Data, cfg: DemoConfig) -> tuple[Result, object]
     gpr = gp.models.GPRegression(
         data.X_target, data.y_target, kernel, noise=torch.tensor(0.1, device=device)
     )
-    train_svi(gpr, cfg.svi_steps, 0.05, "RBF GP: SVI on its hyperparameters", cfg.progress)
+    fit(
+        gpr,
+        max_steps=cfg.fit_steps,
+        progress=cfg.progress,
+        desc="RBF GP: fitting its hyperparameters",
+    )
     with torch.no_grad():
         mean, var = gpr(data.X_test, full_cov=False, noiseless=False)
     scores = gaussian_scores(mean, var, data.y_test)

@@ -93,11 +93,19 @@ def load_task(cfg: DemoConfig) -> Data:
         The :class:`~pyro_ntk.demo.Data`, in torch's default dtype, on the CPU.
 
     Raises:
-        ValueError: an unknown task, or a number of target points the task cannot supply.
+        ValueError: an unknown task, a number of target points the task cannot supply, or
+            a task that needs scikit-learn (``diabetes``, ``digits``) where it is missing.
     """
+    import importlib.util
+
     loaders = {"sine": sine_data, "diabetes": diabetes_data, "digits": digits_data}
     if cfg.task not in loaders:
         raise ValueError(f"demo: --task must be one of {list(TASKS)}, got {cfg.task!r}.")
+    if cfg.task != "sine" and importlib.util.find_spec("sklearn") is None:
+        raise ValueError(
+            f"demo: --task {cfg.task} needs scikit-learn, which is not installed (pip install "
+            "scikit-learn); --task sine does not."
+        )
     return loaders[cfg.task](cfg)
 
 

@@ -1,4 +1,4 @@
-"""Training the demo's networks and GPs: Adam and SVI loops with bars, the cached source network."""
+"""Training the demo's networks: Adam loops with bars, and the cached source network."""
 
 from __future__ import annotations
 
@@ -121,38 +121,6 @@ def train_cross_entropy(
     net.eval()
     with torch.no_grad():
         return float((net(X).argmax(-1) == y).to(torch.float64).mean())
-
-
-def train_svi(model, steps: int, lr: float, desc: str, progress: bool) -> list[float]:
-    """Fit a ``pyro.contrib.gp`` model's parameters by SVI (as ``gp.util.train``), with a bar.
-
-    Adam on ``TraceMeanField_ELBO`` of ``model.model`` and ``model.guide``.
-
-    Args:
-        model: a ``pyro.contrib.gp`` model (or :class:`~pyro_ntk.NTKGPRegression`).
-        steps: Adam steps.
-        lr: step size.
-        desc: the progress bar's label.
-        progress: show the bar.
-
-    Returns:
-        The loss at every step.
-    """
-    from pyro.infer import TraceMeanField_ELBO
-
-    loss_fn = TraceMeanField_ELBO().differentiable_loss
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    losses = []
-    bar = _progress(range(steps), desc, progress)
-    for step in bar:
-        opt.zero_grad()
-        loss = loss_fn(model.model, model.guide)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    return losses
 
 
 def default_cache_dir() -> Path:

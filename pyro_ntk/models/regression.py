@@ -102,7 +102,7 @@ class NTKGPRegression(GPModel):
             ``y``; 0: none. With few, nearly noise-free points the
             marginal likelihood keeps falling as s² → 0 and the predictive becomes
             overconfident: on the demo's sine task (10 points) the test NLL is 4.61 at the
-            unbounded optimum s² = 1e-9 and 0.45 at the floor (``docs/numerics.rst``).
+            unbounded optimum s² = 1e-9 and 0.435 at the floor (``docs/numerics.rst``).
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
