@@ -389,4 +389,3 @@ def as_linearization(
             f"{type(network).__name__}."
         )
     return Linearization(network, params, chunk_size=chunk_size)
-
