@@ -66,6 +66,7 @@ API_MODULES = [
     "laplace",
     "adaptation",
     "infer",
+    "plot",
     "preconditioners",
     "solvers",
     "options",

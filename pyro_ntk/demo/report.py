@@ -7,7 +7,8 @@ from pathlib import Path
 import torch
 
 from pyro_ntk.demo.classification import ECE_BINS
-from pyro_ntk.demo.config import Z95, ClassificationResult, Data, Result
+from pyro_ntk.demo.config import ClassificationResult, Data, Result
+from pyro_ntk.plot import predicted_vs_observed, predictive_bands, reliability_diagram
 
 
 def format_table(results: list[Result] | list[ClassificationResult]) -> str:
@@ -56,7 +57,7 @@ def _pyplot():
 
 
 def _save(fig, plt, path: Path) -> Path:
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the suptitle
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -66,8 +67,10 @@ def _save(fig, plt, path: Path) -> Path:
 def plot_bands(data: Data, net, methods: dict, results: list[Result], path: Path) -> Path | None:
     """Predictive means and 95 % bands of the four regression adaptations (a 2×2 PNG).
 
-    1-D tasks: over a grid, with the target function, the source network and the target
-    points. Tables: the test points sorted by their true value.
+    1-D tasks: :func:`pyro_ntk.plot.predictive_bands` over a grid, with the target function,
+    the source network and the target points. Tables:
+    :func:`pyro_ntk.plot.predicted_vs_observed` on the test points (predicted mean and 95 %
+    interval against the observed value).
 
     Args:
         data: the transfer problem.
@@ -83,60 +86,39 @@ def plot_bands(data: Data, net, methods: dict, results: list[Result], path: Path
     if plt is None:
         return None
     shown = [r for r in results if r.method != "source network (no adaptation)"]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True, sharey=True)
     if data.truth is not None:
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True, sharey=True)
         grid = torch.linspace(-5, 5, 300, device=data.X_test.device).unsqueeze(-1)
+        with torch.no_grad():
+            src = net(grid).squeeze(-1)
         for ax, r in zip(axes.flat, shown):
             mean, var = methods[r.method](grid)
-            x = grid.squeeze(-1).cpu().numpy()
-            band = Z95 * var.sqrt()
-            truth = data.truth(grid.cpu()).numpy()
-            ax.plot(x, truth, "k--", lw=1, label="target task")
-            with torch.no_grad():
-                src = net(grid).squeeze(-1).cpu().numpy()
-            ax.plot(x, src, color="grey", lw=1, label="source network")
-            ax.plot(x, mean.cpu().numpy(), "C0", label="predictive mean")
-            ax.fill_between(
-                x,
-                (mean - band).cpu().numpy(),
-                (mean + band).cpu().numpy(),
-                color="C0",
-                alpha=0.25,
-                label="95% band",
-            )
-            ax.scatter(
-                data.X_target.squeeze(-1).cpu().numpy(),
-                data.y_target.cpu().numpy(),
-                color="k",
-                s=18,
-                zorder=3,
-                label=f"{data.X_target.shape[0]} target points",
-            )
+            ax.plot(grid.squeeze(-1).cpu(), src.cpu(), color="grey", lw=1, label="source network")
+            predictive_bands(
+                grid, mean, var, y=data.truth(grid.cpu()), x_train=data.X_target,
+                y_train=data.y_target, level=0.95, ax=ax,
+            )  # fmt: skip
             ax.set_title(f"{r.method}: RMSE {r.rmse:.2f}, NLL {r.nll:.2f}", fontsize=10)
-        axes[0, 0].legend(loc="upper left", fontsize=7)
-        for ax in axes[1]:
-            ax.set_xlabel("x")
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        labels = ["target task" if lab == "reference" else lab for lab in labels]
+        axes[0, 0].legend(handles, labels, loc="upper left", fontsize=9)
+        for ax in axes[0]:
+            ax.set_xlabel("")
+        for ax in axes[:, 1]:
+            ax.set_ylabel("")
     else:
-        # tables: test points sorted by their true value; predictive mean and 95 % interval
-        order = torch.argsort(data.y_test)
-        idx = torch.arange(order.numel()).cpu().numpy()
+        fig, axes = plt.subplots(2, 2, figsize=(9, 8.5), sharex=True, sharey=True)
         for ax, r in zip(axes.flat, shown):
-            mean, var = r.mean[order], r.var[order]
-            band = Z95 * var.sqrt()
-            ax.fill_between(
-                idx,
-                (mean - band).cpu().numpy(),
-                (mean + band).cpu().numpy(),
-                color="C0",
-                alpha=0.25,
-                label="95% interval",
-            )
-            ax.plot(idx, mean.cpu().numpy(), "C0.", ms=3, label="predictive mean")
-            ax.plot(idx, data.y_test[order].cpu().numpy(), "k-", lw=1, label="true value")
-            ax.set_title(f"{r.method}: RMSE {r.rmse:.2f}, cover {r.coverage:.2f}", fontsize=10)
-        axes[0, 0].legend(loc="upper left", fontsize=7)
-        for ax in axes[1]:
-            ax.set_xlabel("target test patients, sorted by outcome (standardized)")
+            predicted_vs_observed(
+                data.y_test, r.mean, r.var, level=0.95, ax=ax,
+                xlabel="observed outcome (standardized)", ylabel="predicted mean",
+            )  # fmt: skip
+            ax.set_title(f"{r.method}: RMSE {r.rmse:.2f}\n{ax.get_title()}", fontsize=10)
+        axes[0, 0].legend(loc="upper left", fontsize=9)
+        for ax in axes[0]:
+            ax.set_xlabel("")
+        for ax in axes[:, 1]:
+            ax.set_ylabel("")
     fig.suptitle(f"pyro_ntk demo ({data.name}): predictive bands on the target task")
     return _save(fig, plt, path)
 
@@ -144,11 +126,12 @@ def plot_bands(data: Data, net, methods: dict, results: list[Result], path: Path
 def plot_reliability(
     data: Data, results: list[ClassificationResult], path: Path, bins: int = ECE_BINS
 ) -> Path | None:
-    """One reliability diagram per classification method (a 1×4 PNG).
+    """One reliability diagram per classification method (a grid of two columns).
 
-    Bars: the accuracy of the test predictions in each equal-width confidence bin (shaded by
-    how many fall in it); the diagonal is perfect calibration, bars below it are
-    over-confident and bars above it under-confident.
+    :func:`pyro_ntk.plot.reliability_diagram`: blue bars give the accuracy of the test
+    predictions in each equal-width confidence bin, red ticks their mean confidence, narrow
+    grey bars (right axis) how many predictions fall in each bin (legend on the first panel); the diagonal is perfect calibration,
+    bars below it are over-confident and bars above it under-confident.
 
     Args:
         data: the transfer problem (its test labels).
@@ -162,25 +145,14 @@ def plot_reliability(
     plt = _pyplot()
     if plt is None:
         return None
-    fig, axes = plt.subplots(1, len(results), figsize=(3.6 * len(results), 3.8), sharey=True)
+    cols = min(2, len(results))
+    rows = -(-len(results) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.0 * cols, 4.4 * rows), squeeze=False)
     y = data.y_test.cpu()
-    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
-    for ax, r in zip(axes.flat, results):
-        conf, pred = r.probs.detach().cpu().to(torch.float64).max(-1)
-        correct = (pred == y).to(torch.float64)
-        which = torch.bucketize(conf, edges[1:-1], right=True)
-        counts = torch.bincount(which, minlength=bins).to(torch.float64)
-        acc = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, correct)
-        acc = torch.where(counts > 0, acc / counts.clamp_min(1), torch.zeros_like(acc))
-        alpha = (0.25 + 0.75 * counts / counts.max()).numpy()
-        for b in range(bins):
-            if counts[b] > 0:
-                ax.bar(float(edges[b]), float(acc[b]), width=1 / bins, align="edge",
-                       color="C0", edgecolor="k", alpha=float(alpha[b]))  # fmt: skip
-        ax.plot([0, 1], [0, 1], "r--", lw=1)
-        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence")
-        ax.set_title(f"{r.method}\nacc {r.accuracy:.3f}  NLL {r.nll:.3f}  ECE {r.ece:.3f}",
-                     fontsize=9)  # fmt: skip
-    axes.flat[0].set_ylabel("accuracy in the bin")
+    for i, (ax, r) in enumerate(zip(axes.flat, results)):
+        title = f"{r.method}\nacc {r.accuracy:.3f}, NLL {r.nll:.3f}"
+        reliability_diagram(r.probs, y, bins=bins, ax=ax, title=title, legend=i == 0)
+    for ax in axes.flat[len(results) :]:
+        ax.set_visible(False)
     fig.suptitle(f"pyro_ntk demo ({data.name}): reliability on {len(y)} test images")
     return _save(fig, plt, path)

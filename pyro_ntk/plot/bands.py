@@ -1,0 +1,152 @@
+r"""Predictive bands: a Gaussian predictive ``N(mean, var)`` against inputs or observations.
+
+For a level :math:`\ell` the central interval is :math:`\mu \pm z\,\sigma` with
+:math:`z = \Phi^{-1}\big(\tfrac{1+\ell}{2}\big)` (1.96 at 95 %). Cost: O(n log n) (a sort).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pyro_ntk.plot._common import FONT, array, axes, percent, quantile, same_length, variance
+
+
+def predictive_bands(
+    x,
+    mean,
+    var,
+    *,
+    y=None,
+    x_train=None,
+    y_train=None,
+    level: float = 0.95,
+    ax=None,
+    label: str = "predictive mean",
+    xlabel: str = "x",
+    ylabel: str = "y",
+    color: str = "C0",
+):
+    r"""The predictive mean and its central ``level`` band over a 1-D input.
+
+    Draws, sorted by ``x``: the line ``mean`` and the band ``mean ± z·sqrt(var)``
+    (:math:`z = \Phi^{-1}((1+\text{level})/2)`); optionally the curve ``y`` (e.g. the true
+    function, dashed) and the training points ``(x_train, y_train)`` (black dots).
+
+    Args:
+        x: inputs ``(n,)`` (or ``(n, 1)``).
+        mean: predictive means ``(n,)``.
+        var: predictive variances ``(n,)``, >= 0 (include the noise for a band of
+            observations).
+        y: optional reference values at ``x`` ``(n,)``, drawn as a dashed line.
+        x_train: optional training inputs ``(m,)``, drawn with ``y_train``.
+        y_train: optional training targets ``(m,)``.
+        level: the band's probability, in (0, 1).
+        ax: the matplotlib Axes to draw on; ``None`` makes a new figure.
+        label: the legend entry of the mean line.
+        xlabel: the x-axis label.
+        ylabel: the y-axis label.
+        color: the colour of the line and the band.
+
+    Returns:
+        The matplotlib Axes drawn on.
+
+    Raises:
+        ValueError: shapes that differ, non-finite entries, a negative variance, or a level
+            outside (0, 1); the message names the argument.
+
+    Example:
+        >>> x = torch.linspace(-3, 3, 50)
+        >>> ax = predictive_bands(x, torch.sin(x), 0.1 * torch.ones(50), y=torch.sin(x))
+        >>> ax.get_xlabel(), ax.get_ylabel()
+        ('x', 'y')
+        >>> import matplotlib.pyplot as plt; plt.close("all")
+    """
+    where = "predictive_bands"
+    xs, mu, v = array(where, "x", x), array(where, "mean", mean), variance(where, var)
+    same_length(where, x=xs, mean=mu, var=v)
+    z = quantile(where, level)
+    ref = None if y is None else array(where, "y", y)
+    if ref is not None:
+        same_length(where, x=xs, y=ref)
+    order = np.argsort(xs, kind="stable")
+    xs, mu, half = xs[order], mu[order], z * np.sqrt(v[order])
+    ax = axes(ax)
+    if ref is not None:
+        ax.plot(xs, ref[order], "k--", lw=1, label="reference")
+    ax.fill_between(
+        xs, mu - half, mu + half, color=color, alpha=0.25, lw=0, label=f"{percent(level)} band"
+    )
+    ax.plot(xs, mu, color=color, lw=1.5, label=label)
+    if x_train is not None or y_train is not None:
+        if x_train is None or y_train is None:
+            raise ValueError(f"{where}: give both x_train and y_train, or neither")
+        xt, yt = array(where, "x_train", x_train), array(where, "y_train", y_train)
+        same_length(where, x_train=xt, y_train=yt)
+        ax.scatter(xt, yt, color="k", s=18, zorder=3, label=f"{len(xt)} training points")
+    ax.set_xlabel(xlabel, fontsize=FONT)
+    ax.set_ylabel(ylabel, fontsize=FONT)
+    ax.tick_params(labelsize=FONT - 1)
+    return ax
+
+
+def predicted_vs_observed(
+    y,
+    mean,
+    var,
+    *,
+    level: float = 0.95,
+    ax=None,
+    xlabel: str = "observed",
+    ylabel: str = "predicted mean",
+    color: str = "C0",
+):
+    r"""Predicted means against observed values, with ``level`` intervals: for tables.
+
+    Draws one point ``(y_i, mean_i)`` per case with a vertical error bar
+    ``mean_i ± z·sqrt(var_i)``, the line ``predicted = observed``, and the title
+    ``"<level> intervals cover <c> of <n>"``, where the coverage ``c`` is the fraction of
+    cases with ``|y_i - mean_i| <= z·sqrt(var_i)``. A calibrated predictive has ``c`` close
+    to ``level``; a good mean keeps the points near the line.
+
+    Args:
+        y: observed values ``(n,)``.
+        mean: predictive means ``(n,)``.
+        var: predictive variances of an observation ``(n,)``, >= 0.
+        level: the intervals' probability, in (0, 1).
+        ax: the matplotlib Axes to draw on; ``None`` makes a new figure.
+        xlabel: the x-axis label.
+        ylabel: the y-axis label.
+        color: the colour of the points and bars.
+
+    Returns:
+        The matplotlib Axes drawn on.
+
+    Raises:
+        ValueError: shapes that differ, non-finite entries, a negative variance, or a level
+            outside (0, 1); the message names the argument.
+
+    Example:
+        >>> y = torch.randn(40)
+        >>> ax = predicted_vs_observed(y, y + 0.1 * torch.randn(40), 0.02 * torch.ones(40))
+        >>> ax.get_title()[:15]
+        '95% intervals c'
+        >>> import matplotlib.pyplot as plt; plt.close("all")
+    """
+    where = "predicted_vs_observed"
+    obs, mu, v = array(where, "y", y), array(where, "mean", mean), variance(where, var)
+    n = same_length(where, y=obs, mean=mu, var=v)
+    half = quantile(where, level) * np.sqrt(v)
+    cover = float(np.mean(np.abs(obs - mu) <= half)) if n else float("nan")
+    ax = axes(ax, figsize=(4.2, 4.0))
+    ax.errorbar(
+        obs, mu, yerr=half, fmt="o", ms=3, color=color, ecolor=color, elinewidth=0.8,
+        alpha=0.7, label=f"mean ± {percent(level)} interval",
+    )  # fmt: skip
+    if n:
+        lo, hi = min(obs.min(), (mu - half).min()), max(obs.max(), (mu + half).max())
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="predicted = observed")
+    ax.set_title(f"{percent(level)} intervals cover {cover:.2f} of {n}", fontsize=FONT)
+    ax.set_xlabel(xlabel, fontsize=FONT)
+    ax.set_ylabel(ylabel, fontsize=FONT)
+    ax.tick_params(labelsize=FONT - 1)
+    return ax
