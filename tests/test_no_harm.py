@@ -185,8 +185,8 @@ def walk_ntk_gp_regression(net):
     assert isinstance(cg.last_solve, pyro_ntk.SolverDiagnostics)
 
 
-def walk_linearized_model(net):
-    X, y = _data(), torch.randn(8)
+def _linearized_regression(net):
+    """Data and a Pyro model with a LinearizedModel inside (Gaussian likelihood)."""
     lm = pyro_ntk.LinearizedModel(net, variance=0.5)
 
     def model(X, y=None):
@@ -194,6 +194,11 @@ def walk_linearized_model(net):
         with pyro.plate("data", X.shape[0]):
             return pyro.sample("y", dist.Normal(f, 0.3), obs=y)
 
+    return _data(), torch.randn(8), model
+
+
+def walk_linearized_model(net):
+    X, y, model = _linearized_regression(net)
     pyro.clear_param_store()
     guide = pyro.infer.autoguide.AutoNormal(model)
     svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), pyro.infer.Trace_ELBO())
@@ -204,14 +209,7 @@ def walk_linearized_model(net):
 
 
 def walk_fit(net):
-    X, y = _data(), torch.randn(8)
-    lm = pyro_ntk.LinearizedModel(net, variance=0.5)
-
-    def model(X, y=None):
-        f = lm(X)
-        with pyro.plate("data", X.shape[0]):
-            return pyro.sample("y", dist.Normal(f, 0.3), obs=y)
-
+    X, y, model = _linearized_regression(net)
     pyro.clear_param_store()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # a few steps: unconverged on purpose

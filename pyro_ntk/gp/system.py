@@ -65,6 +65,8 @@ class NTKSystem:
         X: inputs ``(N, ...)``.
         options: a :class:`~pyro_ntk.options.SolverOptions` (``None``: the defaults).
         where: the public entry point, for error messages.
+        eager_spectrum: take the spectral route from the first dense evaluation (a model that
+            is evaluated many times, e.g. during a fit) instead of the second.
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
@@ -80,6 +82,7 @@ class NTKSystem:
         options: SolverOptions | None = None,
         *,
         where: str = "NTKSystem",
+        eager_spectrum: bool = False,
     ):
         if options is None:
             options = SolverOptions()
@@ -106,7 +109,7 @@ class NTKSystem:
             self.method = options.solver.value
         self.spectral = options.solver == Solver.AUTO  # the eigen route on the dense method
         self._spectrum: KernelSpectrum | None | bool = False  # False: not made yet
-        self._dense_calls = 0
+        self._dense_calls = 1 if eager_spectrum else 0  # spectral from the second call on
         self.warned_precision = False  # one float32/jitter warning per system (first figures)
         self.last_route: str | None = None  # "spectral", "cholesky" or "cg": last log_prob
         self._K: Tensor | None = None  # (N·O, N·O), σ² = 1
@@ -178,8 +181,9 @@ class NTKSystem:
     def spectrum(self) -> KernelSpectrum | None:
         """``K = Q diag(λ) Qᵀ`` at σ² = 1, made once (``None``: not PSD, warned once).
 
-        :meth:`log_prob` makes it at its second dense evaluation, so that a one-off density
-        (a ``LinearizedNetwork`` built per call) pays one factor, not a decomposition.
+        :meth:`log_prob` makes it at its second dense evaluation (its first with
+        ``eager_spectrum``), so that a one-off density (a ``LinearizedNetwork`` built per
+        call) pays one factor, not a decomposition.
         """
         if self._spectrum is False:
             one = torch.ones((), dtype=self.lin.dtype, device=self.lin.device)

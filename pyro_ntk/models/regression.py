@@ -219,7 +219,8 @@ class NTKGPRegression(GPModel):
             check_finite(where, "y", y)
         old = getattr(self, "_system", None)
         if old is None or old.X is not X:
-            self._system = NTKSystem(lin, X, self._options, where=where)
+            # a fit evaluates the model many times: the spectral route from the first one
+            self._system = NTKSystem(lin, X, self._options, where=where, eager_spectrum=True)
             self._mean_X = self._mean(X).detach()
         self.X = X
         self.y = y
@@ -284,9 +285,6 @@ class NTKGPRegression(GPModel):
     def model(self) -> Tensor:
         """Observe ``y ~ N(m(X), σ²K + s²I)`` at site ``"y"`` (sample it when ``y`` is None)."""
         self.set_mode("model")
-        sysm = self._system
-        if sysm.method == "cholesky" and sysm.spectral and not self.layer_variances:
-            sysm.spectrum()  # a fit evaluates many times: the eigen route from the first one
         return pyro.sample(self._pyro_get_fullname("y"), self._distribution(), obs=self.y)
 
     @pyro.nn.pyro_method
