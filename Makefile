@@ -5,7 +5,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 TORCH   := torch==2.13.0
 
-.PHONY: test lint format demo docs bench wheel clean venv
+.PHONY: test lint format demo docs notebooks bench wheel clean venv
 
 venv: $(STAMP)
 
@@ -33,6 +33,9 @@ demo: $(STAMP)
 
 docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+
+notebooks: $(STAMP)  # re-execute docs/tutorials/*.ipynb in full mode, storing their outputs
+	$(PY) tests/test_notebooks.py
 
 wheel: $(STAMP)  # dist/: the wheel and the sdist (what `pip install pyro-ntk` gets)
 	$(PY) -m pip install -q build

@@ -5,7 +5,8 @@ and MathJax is only referenced by the generated pages, for the reader's browser.
 
 Every API page is always built, so a module that fails to import fails the build. Example
 figures are embedded only where they were generated: the ``example-figure`` directive shows
-``_static/<name>.png`` only if the file exists.
+``_static/<name>.png`` only if the file exists. The tutorial notebooks are rendered by
+myst-nb with the outputs stored in them; the build never executes them.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ copyright = "2026, pyro_ntk developers"
 release = pyro_ntk.__version__
 version = ".".join(release.split(".")[:2])
 
-# -- extensions (built-in only; nothing is downloaded at build time) -----------------------
+# -- extensions (nothing is downloaded at build time) --------------------------------------
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
+    "myst_nb",  # the tutorial notebooks (docs/tutorials/*.ipynb), from the docs extra
 ]
 
 autodoc_default_options = {
@@ -84,7 +86,11 @@ TUTORIALS = [
 ]
 
 
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
+
+# -- notebooks: rendered with the outputs stored in them (`make notebooks` re-executes them) --
+nb_execution_mode = "off"
+myst_enable_extensions = ["dollarmath", "amsmath"]  # $...$ and $$...$$ in markdown cells
 
 
 # -- output ------------------------------------------------------------------------------------

@@ -19,10 +19,13 @@ from initial values scaled to the data). The script prints the fitted
 :math:`\sigma_g^2` and each layer's share of the kernel's trace,
 :math:`c_g = \sigma_g^2 \operatorname{tr} J_g J_g^\top / \sum_h \sigma_h^2
 \operatorname{tr} J_h J_h^\top` (what :meth:`pyro_ntk.EmpiricalNTK.layer_contributions`
-computes), beside the shares before fitting (all :math:`\sigma_g^2 = 1`), and saves a bar
-chart of the shares.
+computes), beside the shares before fitting (all :math:`\sigma_g^2 = 1`), and draws both
+with :func:`pyro_ntk.plot.layer_variances` into ``OUT_DIR/layer_relevance.png`` (default
+``outputs/``).
 
-Run: ``python examples/layer_relevance.py [--out-dir DIR] [--smoke-test]``.
+Run: ``python examples/layer_relevance.py [--out-dir DIR] [--quick] [--no-progress]``.
+``--quick`` trains the source network for 1000 Adam steps instead of 3000 (a few seconds;
+its figures differ from the documented ones).
 """
 
 from __future__ import annotations
@@ -37,26 +40,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pyro  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 from pyro_ntk import NTKGPRegression, fit  # noqa: E402
 from pyro_ntk.datasets import SineTask  # noqa: E402
-from pyro_ntk.demo import make_network, run_settings  # noqa: E402
+from pyro_ntk.demo import make_network, run_settings, train_mse  # noqa: E402
 from pyro_ntk.options import SolverOptions  # noqa: E402
+from pyro_ntk.plot import layer_variances  # noqa: E402
 
 WARP = (1.2, 0.3)  # y = f(1.2 x + 0.3; θ*): a mild warp, inside the linear regime
 LAYER_NAMES = {"0": "layer 1 (1→40)", "2": "layer 2 (40→40)", "4": "layer 3 (40→1)"}
-
-
-def train_network(net: nn.Module, X: torch.Tensor, y: torch.Tensor, steps: int, lr: float):
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = (net(X).squeeze(-1) - y).square().mean()
-        loss.backward()
-        opt.step()
-    net.eval()
-    return float(loss.detach())
 
 
 def trace_shares(gp: NTKGPRegression, X: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
@@ -77,33 +70,32 @@ def fit_layer_variances(net, X, y, progress: bool, desc: str):
 
 
 def main(
-    smoke_test: bool = False,
-    out_dir: str = ".",
+    quick: bool = False,
+    out_dir: str = "outputs",
     seed: int = 0,
     progress: bool = True,
     num_threads: int | None = 1,
 ):
-    """Run the experiment; returns a dict of the printed figures.
+    """Run the experiment; returns a dict of the printed figures and the figure's path.
 
     Runs in float64 with ``num_threads`` threads and Pyro's module-local parameters (two GP
     models in one process); all are restored afterwards.
     """
     with run_settings(num_threads):
-        return _run(smoke_test, out_dir, seed, progress)
+        return _run(1000 if quick else 3000, out_dir, seed, progress)
 
 
-def _run(smoke_test: bool, out_dir: str, seed: int, progress: bool):
+def _run(source_steps: int, out_dir: str, seed: int, progress: bool):
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     pyro.set_rng_seed(seed)
-    n_source, n_target = (100, 15) if smoke_test else (400, 40)
-    source_steps = 200 if smoke_test else 3000
-    noise_std = 0.05
+    n_source, n_target, noise_std = 400, 40, 0.05
 
     source = SineTask(amplitude=1.0, phase=0.0)
     Xs, ys = source.sample(n_source, seed=seed + 1)
     net = make_network("sine", 1)  # 1-40-40-1 tanh MLP
-    source_mse = train_network(net, Xs, ys, source_steps, lr=1e-2)
+    source_mse = train_mse(net, net.parameters(), Xs, ys, source_steps, 1e-2,
+                           "training the source network", progress)  # fmt: skip
     print(f"source network: y = sin(x), {n_source} points, training MSE {source_mse:.2e}")
 
     gen = torch.Generator().manual_seed(seed + 2)
@@ -124,7 +116,7 @@ def _run(smoke_test: bool, out_dir: str, seed: int, progress: bool):
 
     tasks = {"new readout": readout, "input warp": warped}
     results = {}
-    for name, task in tasks.items():
+    for name, task in tqdm(tasks.items(), desc="target tasks", disable=not progress, leave=False):
         y = task(X) + eps
         gp, result = fit_layer_variances(net, X, y, progress, f"fitting: {name}")
         variance = gp.variance.detach()
@@ -139,50 +131,43 @@ def _run(smoke_test: bool, out_dir: str, seed: int, progress: bool):
             "losses": result.losses,
             "converged": result.converged,
         }
-        print(
+        lines = [
             f"\ntarget '{name}': {n_target} points, noise sd {noise_std}; fitted noise "
             f"s2 = {float(gp.noise.detach()):.2e} (true {noise_std**2:.1e}); "
             f"loss {result.losses[0]:.1f} -> {result.losses[-1]:.1f} in {result.steps} "
-            f"{result.method} steps"
-        )
-        print(f"{'layer':<18}{'sigma_g^2':>12}{'share before':>14}{'share fitted':>14}")
+            f"{result.method} steps",
+            f"{'layer':<18}{'sigma_g^2':>12}{'share before':>14}{'share fitted':>14}",
+        ]
         for g, v, c0, c in zip(groups, variance, before, after):
-            print(
+            lines.append(
                 f"{LAYER_NAMES.get(g, g):<18}{float(v):>12.3e}{float(c0):>14.3f}{float(c):>14.3f}"
             )
+        tqdm.write("\n".join(lines))
 
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "layer_relevance.png")
     groups = list(results["new readout"]["shares"])
-    labels = [LAYER_NAMES.get(g, g) for g in groups]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
-    width = 0.38
-    pos = torch.arange(len(groups)).numpy()
-    for ax, (name, r) in zip(axes, results.items()):
-        ax.bar(
-            pos - width / 2,
-            list(r["shares_before"].values()),
-            width,
-            color="0.7",
-            label="before fitting (all σ²=1)",
-        )
-        ax.bar(
-            pos + width / 2,
-            list(r["shares"].values()),
-            width,
-            color="C0",
-            label="fitted σ_g²",
-        )
-        for x, v, c in zip(pos, r["variances"].values(), r["shares"].values()):
-            ax.annotate(f"σ²={v:.1e}", (x + width / 2, c + 0.02), ha="center", fontsize=7)
-        ax.set_xticks(pos, labels, fontsize=8)
-        ax.set_title(f"target: {name}", fontsize=10)
-    axes[0].set_ylabel("share of the kernel trace")
-    axes[0].set_ylim(0, 1.12)
-    axes[0].legend(fontsize=7, loc="upper left")
-    fig.suptitle("Per-layer NTK variances fitted by the marginal likelihood", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    labels = [LAYER_NAMES.get(g, g).replace(" (", "\n(") for g in groups]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 4.2))
+    fitted = {n: list(r["variances"].values()) for n, r in results.items()}
+    layer_variances(
+        labels, fitted, ax=left, xlabel="", ylabel=r"fitted prior variance $\sigma_g^2$"
+    )
+    left.get_legend().remove()
+    left.set_title(r"fitted $\sigma_g^2$ per layer", fontsize=10)
+    shares = {n: list(r["shares"].values()) for n, r in results.items()}
+    shares[r"before fitting (all $\sigma_g^2 = 1$)"] = list(
+        results["new readout"]["shares_before"].values()
+    )
+    layer_variances(labels, shares, ax=right, log=False, xlabel="",
+                    ylabel="share of the kernel trace")  # fmt: skip
+    right.get_legend().remove()
+    right.set_title("each layer's share of the kernel", fontsize=10)
+    handles, names = right.get_legend_handles_labels()
+    names = [f"target: {n}" if n in results else n for n in names]
+    fig.legend(handles, names, loc="lower center", ncol=3, fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     print(f"\nfigure: {path}  ({time.perf_counter() - t0:.1f} s)")
     return {"results": results, "figure": path}
@@ -190,8 +175,9 @@ def _run(smoke_test: bool, out_dir: str, seed: int, progress: bool):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default=".", help="where to write layer_relevance.png")
+    parser.add_argument("--out-dir", default="outputs", help="where layer_relevance.png goes")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke-test", action="store_true", help="tiny sizes, for tests")
+    parser.add_argument("--quick", action="store_true", help="fewer training steps: seconds")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args()
-    main(smoke_test=args.smoke_test, out_dir=args.out_dir, seed=args.seed)
+    main(quick=args.quick, out_dir=args.out_dir, seed=args.seed, progress=not args.no_progress)

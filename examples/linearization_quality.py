@@ -17,9 +17,15 @@ Printed per φ: the RMSE between the two prediction curves on a grid of 200 inpu
 [-5, 5], the RMSE of each against the noise-free target, and the relative distances
 :math:`\|\theta_{ft} - \theta^*\| / \|\theta^*\|` and :math:`\|\delta\| / \|\theta^*\|`.
 While the target is close to the source, the two predictors nearly coincide and both weight
-changes are small; as φ grows, fine-tuning travels further and the two part ways.
+changes are small; as φ grows, fine-tuning travels further and the two part ways. The figure,
+``OUT_DIR/linearization_quality.png`` (default ``outputs/``), plots these RMSEs against φ and,
+for φ = 1, the two predictors with the NTK-GP's 95 % band
+(:func:`pyro_ntk.plot.predictive_bands`).
 
-Run: ``python examples/linearization_quality.py [--out-dir DIR] [--smoke-test]``.
+Run: ``python examples/linearization_quality.py [--out-dir DIR] [--quick] [--no-progress]``.
+``--quick`` trains the source network for 1000 Adam steps instead of 3000 and fits three
+targets (φ = 0.25, 1, 2) instead of six (a few seconds; its figures differ from the
+documented ones).
 """
 
 from __future__ import annotations
@@ -35,27 +41,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pyro  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 from torch.nn.utils import parameters_to_vector  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from pyro_ntk import NTKGPRegression, fit  # noqa: E402
 from pyro_ntk.datasets import SineTask  # noqa: E402
-from pyro_ntk.demo import make_network, run_settings  # noqa: E402
+from pyro_ntk.demo import make_network, run_settings, train_mse  # noqa: E402
 from pyro_ntk.options import SolverOptions  # noqa: E402
+from pyro_ntk.plot import predictive_bands  # noqa: E402
 
-PHASES = (0.1, 0.25, 0.5, 1.0, 1.5, 2.0)
-
-
-def train_network(net: nn.Module, X: torch.Tensor, y: torch.Tensor, steps: int, lr: float):
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = (net(X).squeeze(-1) - y).square().mean()
-        loss.backward()
-        opt.step()
-    net.eval()
-    return float(loss.detach())
+FULL = {"source_steps": 3000, "phases": (0.1, 0.25, 0.5, 1.0, 1.5, 2.0)}
+QUICK = {"source_steps": 1000, "phases": (0.25, 1.0, 2.0)}
+SHOWN = 1.0  # the phase whose curves are drawn
 
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,32 +72,31 @@ def linearized_fit(net, X, y, progress: bool = False):
 
 
 def main(
-    smoke_test: bool = False,
-    out_dir: str = ".",
+    quick: bool = False,
+    out_dir: str = "outputs",
     seed: int = 0,
     progress: bool = True,
     num_threads: int | None = 1,
 ):
-    """Run the experiment; returns a dict of the printed figures.
+    """Run the experiment; returns a dict of the printed figures and the figure's path.
 
     Runs in float64 with ``num_threads`` threads and Pyro's module-local parameters (one GP
     model per target in one process); all are restored afterwards.
     """
     with run_settings(num_threads):
-        return _run(smoke_test, out_dir, seed, progress)
+        return _run(QUICK if quick else FULL, out_dir, seed, progress)
 
 
-def _run(smoke_test: bool, out_dir: str, seed: int, progress: bool):
+def _run(sizes: dict, out_dir: str, seed: int, progress: bool):
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     pyro.set_rng_seed(seed)
-    n_source, n_target = (100, 10) if smoke_test else (400, 20)
-    source_steps, tune_steps = (200, 50) if smoke_test else (3000, 1000)
-    phases = (0.25, 1.0) if smoke_test else PHASES
+    n_source, n_target, tune_steps, phases = 400, 20, 1000, sizes["phases"]
 
     Xs, ys = SineTask(1.0, 0.0).sample(n_source, seed=seed + 1)
     net = make_network("sine", 1)  # 1-40-40-1 tanh MLP
-    source_mse = train_network(net, Xs, ys, source_steps, lr=1e-2)
+    source_mse = train_mse(net, net.parameters(), Xs, ys, sizes["source_steps"], 1e-2,
+                           "training the source network", progress)  # fmt: skip
     theta = parameters_to_vector(net.parameters()).detach()
     print(
         f"source network: y = sin(x), {n_source} points, training MSE {source_mse:.2e}, "
@@ -113,9 +109,9 @@ def _run(smoke_test: bool, out_dir: str, seed: int, progress: bool):
         X, y = task.sample(n_target, seed=seed + 2)
         gp, delta = linearized_fit(net, X, y, progress)
         with torch.no_grad():
-            lin_mean = gp(grid)[0]
+            lin_mean, lin_var = gp(grid, noiseless=False)
         tuned = copy.deepcopy(net)
-        train_network(tuned, X, y, tune_steps, lr=1e-3)
+        train_mse(tuned, tuned.parameters(), X, y, tune_steps, 1e-3, "fine-tuning a copy", progress)
         with torch.no_grad():
             ft_mean = tuned(grid).squeeze(-1)
         theta_ft = parameters_to_vector(tuned.parameters()).detach()
@@ -131,7 +127,7 @@ def _run(smoke_test: bool, out_dir: str, seed: int, progress: bool):
                 "lin_distance": float(delta.norm() / theta.norm()),
             }
         )
-        curves[phi] = (truth, lin_mean, ft_mean, X, y)
+        curves[phi] = (truth, lin_mean, lin_var, ft_mean, X, y)
 
     print(
         f"\n{n_target} target points per task; RMSE on 200 grid points in [-5, 5]; "
@@ -151,31 +147,28 @@ def _run(smoke_test: bool, out_dir: str, seed: int, progress: bool):
 
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "linearization_quality.png")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(8, 4.4))
     ph = [r["phase"] for r in rows]
     ax1.plot(ph, [r["lin_vs_ft"] for r in rows], "o-", color="C2", label="linearized vs fine-tuned")
-    ax1.plot(ph, [r["lin_vs_truth"] for r in rows], "s--", color="C0", label="linearized vs truth")
-    ax1.plot(ph, [r["ft_vs_truth"] for r in rows], "^--", color="C3", label="fine-tuned vs truth")
-    ax1.set_xlabel("phase shift φ of the target (source: φ = 0)")
-    ax1.set_ylabel("RMSE between curves")
-    ax1.legend(fontsize=7, loc="upper left")
-    twin = ax1.twinx()
-    twin.plot(ph, [r["ft_distance"] for r in rows], ":", color="0.4")
-    twin.set_ylabel("‖θ_ft − θ*‖ / ‖θ*‖ (dotted)", fontsize=8)
-    shown = phases[len(phases) // 2]
-    truth, lin_mean, ft_mean, X, y = curves[shown]
-    x = grid.squeeze(-1).numpy()
-    ax2.plot(x, truth.numpy(), "k--", lw=1, label="target")
-    ax2.plot(x, net(grid).squeeze(-1).detach().numpy(), color="0.6", lw=1, label="source net")
-    ax2.plot(x, lin_mean.numpy(), "C0", label="linearized (NTK-GP mean)")
-    ax2.plot(x, ft_mean.numpy(), "C3", lw=1, label="fine-tuned")
-    ax2.scatter(X.squeeze(-1).numpy(), y.numpy(), color="k", s=12, zorder=3)
-    ax2.set_title(f"target φ = {shown}", fontsize=10)
-    ax2.set_xlabel("x")
-    ax2.legend(fontsize=7, loc="lower left")
-    fig.suptitle("Linearized network vs fine-tuned network on sine targets", fontsize=10)
+    ax1.plot(ph, [r["lin_vs_truth"] for r in rows], "s--", color="C0", label="linearized vs target")
+    ax1.plot(ph, [r["ft_vs_truth"] for r in rows], "^--", color="C3", label="fine-tuned vs target")
+    ax1.set_xlabel("phase shift φ of the target (source: φ = 0)", fontsize=10)
+    ax1.set_ylabel("RMSE between the curves", fontsize=10)
+    ax1.set_ylim(0, 1.5 * max(max(r["lin_vs_truth"], r["ft_vs_truth"]) for r in rows))
+    ax1.legend(fontsize=9, loc="upper left")
+    ax1.set_title("the two adaptations, by distance from the source", fontsize=10)
+    shown = SHOWN if SHOWN in curves else phases[-1]
+    truth, lin_mean, lin_var, ft_mean, X, y = curves[shown]
+    ax2.plot(grid.squeeze(-1), net(grid).squeeze(-1).detach(), color="0.6", lw=1, label="source")
+    ax2.plot(grid.squeeze(-1), ft_mean, "C3", lw=1.2, label="fine-tuned")
+    predictive_bands(grid, lin_mean, lin_var, y=truth, x_train=X, y_train=y, ax=ax2,
+                     label="linearized", band_label="linearized: 95% band",
+                     reference_label="target")  # fmt: skip
+    ax2.set_ylim(-2.9, 1.6)
+    ax2.legend(fontsize=9, loc="lower center", ncol=2)
+    ax2.set_title(f"target φ = {shown:g}: the two predictors", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     print(f"figure: {path}  ({time.perf_counter() - t0:.1f} s)")
     return {"rows": rows, "figure": path}
@@ -183,8 +176,9 @@ def _run(smoke_test: bool, out_dir: str, seed: int, progress: bool):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", default=".", help="where to write linearization_quality.png")
+    parser.add_argument("--out-dir", default="outputs", help="where linearization_quality.png goes")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke-test", action="store_true", help="tiny sizes, for tests")
+    parser.add_argument("--quick", action="store_true", help="fewer steps and targets: seconds")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args()
-    main(smoke_test=args.smoke_test, out_dir=args.out_dir, seed=args.seed)
+    main(quick=args.quick, out_dir=args.out_dir, seed=args.seed, progress=not args.no_progress)

@@ -60,6 +60,22 @@ def test_predictive_bands_limits_are_mean_pm_z_sd():
     assert "90% band" in ax.get_legend_handles_labels()[1]
 
 
+def test_predictive_bands_two_predictives_share_one_axes():
+    x = torch.linspace(-1, 1, 9, dtype=torch.float64)
+    ax = plot.predictive_bands(x, x, x * 0 + 0.01, y=x, label="GP", band_label="GP band",
+                               reference_label="target")  # fmt: skip
+    plot.predictive_bands(x, -x, x * 0 + 0.04, ax=ax, color="C3", label="net",
+                          band_label="net band")  # fmt: skip
+    assert ax.get_legend_handles_labels()[1] == ["target", "GP band", "GP", "net band", "net"]
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 2
+    # the second band is -x ± z·0.2, in its own colour
+    z = NormalDist().inv_cdf(0.975)
+    top = bands[1].get_paths()[0].vertices[:, 1].max()
+    assert math.isclose(top, 1.0 + z * 0.2, rel_tol=1e-12)
+    assert not np.allclose(bands[0].get_facecolor(), bands[1].get_facecolor())
+
+
 def test_predictive_bands_draws_on_given_axes_with_labels():
     fig, ax = plt.subplots()
     x = torch.linspace(0, 1, 5, dtype=torch.float64)
@@ -82,6 +98,21 @@ def test_predicted_vs_observed_bars_and_coverage():
     np.testing.assert_allclose(segs[:, 0, 1], (mean - half).numpy())
     np.testing.assert_allclose(segs[:, 1, 1], (mean + half).numpy())
     np.testing.assert_allclose(segs[:, 0, 0], y.numpy())
+
+
+def test_predicted_vs_observed_diagonal_spans_data_and_intervals():
+    y = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    mean = torch.tensor([0.5, 1.0, 4.0], dtype=torch.float64)
+    var = torch.tensor([1.0, 0.0, 0.25], dtype=torch.float64)
+    ax = plot.predicted_vs_observed(y, mean, var)
+    (diag,) = [ln for ln in ax.get_lines() if ln.get_label() == "predicted = observed"]
+    lo = float((mean - 1.959963984540054 * var.sqrt()).min())  # 0.5 - 1.96 = -1.46
+    hi = float((mean + 1.959963984540054 * var.sqrt()).max())  # 4 + 0.98 = 4.98
+    xlim, ylim = ax.get_xlim(), ax.get_ylim()
+    assert xlim[0] <= lo and xlim[1] >= hi and ylim[0] <= lo and ylim[1] >= hi
+    # the line has slope 1 through the data, across the whole Axes
+    (px, py), slope = diag.get_xy1(), diag.get_slope()
+    assert slope == 1.0 and px == py
 
 
 def test_reliability_bins_by_hand_and_ece_formula():
@@ -125,6 +156,15 @@ def test_layer_variances_and_cg_convergence():
     assert ax.get_yscale() == "log"
     np.testing.assert_allclose([p.get_height() for p in ax.patches], [0.5, 2.0, 1e-3])
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0.weight", "2.weight", "4.bias"]
+    ax = plot.layer_variances(["a", "b"], {"before": [0.5, 0.5], "after": [1.0, 0.0]}, log=False)
+    _labelled(ax)
+    assert ax.get_yscale() == "linear"
+    bars = ax.patches
+    np.testing.assert_allclose([p.get_height() for p in bars], [0.5, 0.5, 1.0, 0.0])
+    # grouped: series i of layer j centred at j + (i - 1/2)·0.4, its own colour, in the legend
+    np.testing.assert_allclose([p.get_x() + p.get_width() / 2 for p in bars], [-0.2, 0.8, 0.2, 1.2])
+    assert bars[0].get_facecolor() != bars[2].get_facecolor()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["before", "after"]
     ax = plot.cg_convergence({"CG": [1.0, 0.1, 0.01], "PCG": torch.tensor([1.0, 1e-4])}, tol=1e-3)
     _labelled(ax)
     assert ax.get_yscale() == "log"
@@ -147,6 +187,10 @@ def test_layer_variances_and_cg_convergence():
         (lambda: plot.reliability_diagram([[0.5, 0.5]], [2]), "labels must be integers"),
         (lambda: plot.layer_variances(["a"], [1.0, 2.0]), "names has 1"),
         (lambda: plot.layer_variances(["a"], [0.0]), "variances must be > 0"),
+        (lambda: plot.layer_variances(["a"], [-1.0], log=False), "variances must be >= 0"),
+        (lambda: plot.layer_variances(["a"], {"t": [1.0, 2.0]}), "variances['t'] has 2"),
+        (lambda: plot.layer_variances(["a"], {"t": [0.0]}), "variances['t'] must be > 0"),
+        (lambda: plot.layer_variances(["a"], {}), "empty mapping"),
         (lambda: plot.cg_convergence({"CG": [1.0, float("nan")]}), "residuals['CG']"),
     ],
 )

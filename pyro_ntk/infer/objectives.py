@@ -37,13 +37,20 @@ __all__ = ["Objective", "describe"]
 
 
 def describe(obj: object) -> str:
-    """A name for messages: the class of a module, the qualified name of a function."""
+    """A name for messages: the class of a module, the qualified name of a function.
+
+    A function defined inside another is named by its own name (``model``, not
+    ``main.<locals>.model``).
+    """
     if isinstance(obj, nn.Module):
         return type(obj).__name__
     self_ = getattr(obj, "__self__", None)
     if self_ is not None and hasattr(obj, "__name__"):
         return f"{type(self_).__name__}.{obj.__name__}"
-    return getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or repr(obj)
+    qualname = getattr(obj, "__qualname__", None)
+    if qualname and "<locals>" not in qualname:
+        return qualname
+    return getattr(obj, "__name__", None) or qualname or repr(obj)
 
 
 def _unconstrained(value: Tensor) -> Tensor:

@@ -5,12 +5,14 @@ both axes with text of at least 9 pt, and returns the Axes. matplotlib is import
 when a function is called (``pip install matplotlib``, or the ``examples`` extra); inputs
 may be tensors (detached and moved to the CPU) or arrays.
 
-* :func:`predictive_bands`: mean and central band over a 1-D input.
+* :func:`predictive_bands`: mean and central band over a 1-D input (call it again on the
+  same Axes, with another ``color`` and ``band_label``, to compare predictives).
 * :func:`predicted_vs_observed`: for tables, predicted means against observed values with
   interval bars, and the intervals' coverage.
 * :func:`reliability_diagram`: a classifier's accuracy against its confidence, with the
   bin counts and the ECE (:func:`reliability_bins` returns the figures).
-* :func:`layer_variances`: per-layer prior variances :math:`\sigma_g^2`.
+* :func:`layer_variances`: per-layer prior variances :math:`\sigma_g^2`, or several
+  per-layer series side by side (e.g. per task; linear scale for shares).
 * :func:`cg_convergence`: relative residuals of iterative solves.
 
 Example:

@@ -22,6 +22,8 @@ def predictive_bands(
     level: float = 0.95,
     ax=None,
     label: str = "predictive mean",
+    band_label: str | None = None,
+    reference_label: str = "reference",
     xlabel: str = "x",
     ylabel: str = "y",
     color: str = "C0",
@@ -43,6 +45,9 @@ def predictive_bands(
         level: the band's probability, in (0, 1).
         ax: the matplotlib Axes to draw on; ``None`` makes a new figure.
         label: the legend entry of the mean line.
+        band_label: the legend entry of the band (default ``"<level> band"``); name the
+            method when several predictives share one Axes.
+        reference_label: the legend entry of ``y``.
         xlabel: the x-axis label.
         ylabel: the y-axis label.
         color: the colour of the line and the band.
@@ -59,6 +64,15 @@ def predictive_bands(
         >>> ax = predictive_bands(x, torch.sin(x), 0.1 * torch.ones(50), y=torch.sin(x))
         >>> ax.get_xlabel(), ax.get_ylabel()
         ('x', 'y')
+
+        Two predictives on one Axes, each with its own colour and legend entries:
+
+        >>> ax = predictive_bands(x, torch.sin(x), torch.full((50,), 0.01), label="GP mean",
+        ...                       band_label="GP 95% band")
+        >>> ax = predictive_bands(x, torch.cos(x), torch.full((50,), 0.04), ax=ax, color="C3",
+        ...                       label="net", band_label="net 95% band")
+        >>> ax.get_legend_handles_labels()[1]
+        ['GP 95% band', 'GP mean', 'net 95% band', 'net']
         >>> import matplotlib.pyplot as plt; plt.close("all")
     """
     where = "predictive_bands"
@@ -72,10 +86,9 @@ def predictive_bands(
     xs, mu, half = xs[order], mu[order], z * np.sqrt(v[order])
     ax = axes(ax)
     if ref is not None:
-        ax.plot(xs, ref[order], "k--", lw=1, label="reference")
-    ax.fill_between(
-        xs, mu - half, mu + half, color=color, alpha=0.25, lw=0, label=f"{percent(level)} band"
-    )
+        ax.plot(xs, ref[order], "k--", lw=1, label=reference_label)
+    band = f"{percent(level)} band" if band_label is None else band_label
+    ax.fill_between(xs, mu - half, mu + half, color=color, alpha=0.25, lw=0, label=band)
     ax.plot(xs, mu, color=color, lw=1.5, label=label)
     if x_train is not None or y_train is not None:
         if x_train is None or y_train is None:
@@ -103,7 +116,8 @@ def predicted_vs_observed(
     r"""Predicted means against observed values, with ``level`` intervals: for tables.
 
     Draws one point ``(y_i, mean_i)`` per case with a vertical error bar
-    ``mean_i ± z·sqrt(var_i)``, the line ``predicted = observed``, and the title
+    ``mean_i ± z·sqrt(var_i)``, the line ``predicted = observed`` (across the whole Axes,
+    so that it stays whole on shared axes), and the title
     ``"<level> intervals cover <c> of <n>"``, where the coverage ``c`` is the fraction of
     cases with ``|y_i - mean_i| <= z·sqrt(var_i)``. A calibrated predictive has ``c`` close
     to ``level``; a good mean keeps the points near the line.
@@ -144,7 +158,9 @@ def predicted_vs_observed(
     )  # fmt: skip
     if n:
         lo, hi = min(obs.min(), (mu - half).min()), max(obs.max(), (mu + half).max())
-        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="predicted = observed")
+        ax.update_datalim([(lo, lo), (hi, hi)])  # both axes span the data and intervals
+        ax.autoscale_view()
+        ax.axline((lo, lo), slope=1.0, color="k", ls="--", lw=1, label="predicted = observed")
     ax.set_title(f"{percent(level)} intervals cover {cover:.2f} of {n}", fontsize=FONT)
     ax.set_xlabel(xlabel, fontsize=FONT)
     ax.set_ylabel(ylabel, fontsize=FONT)
