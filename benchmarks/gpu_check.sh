@@ -17,3 +17,8 @@ python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_preconditioners.py te
 timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/bench_precond.py --device cuda \
     --csv .benchdata/diamonds.csv --json "$out/bench_precond_cuda.json" 2>&1 |
     tee "$out/bench_precond_cuda.log"
+# 3. the convolution benchmark: ResNet-style CNN at N = 512 (dense K at 256), ResNet-18
+#    shape at N = 1024, peak CUDA memory of one K·v per engine against forward+backward
+timeout "${BENCH_CONV_TIMEOUT:-420}" python3 benchmarks/bench_conv.py --device cuda \
+    --n 512 --n-dense 256 --n18 1024 --json "$out/bench_conv_cuda.json" 2>&1 |
+    tee "$out/bench_conv_cuda.log"

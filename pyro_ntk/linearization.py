@@ -55,12 +55,12 @@ class NTKImplementation(str, enum.Enum):
     reused by every later product on the same rows; generic, any network."""
 
     STRUCTURED = "structured"
-    """Cached per-layer factors (inputs and output sensitivities) of ``nn.Linear`` and
-    ``nn.Conv2d`` layers: about two forward-sized matrix products per layer per product and a
+    """Cached per-layer factors (inputs and output sensitivities) of ``nn.Linear``,
+    ``nn.Conv1d`` and ``nn.Conv2d`` layers: about two forward-sized matrix products per layer per product and a
     Jacobian-free dense kernel; other parameters go through cached ``torch.func`` closures."""
 
     AUTO = "auto"
-    """``structured`` when any Linear/Conv2d layer can be factored, else ``cached``: a rule
+    """``structured`` when any Linear/Conv layer can be factored, else ``cached``: a rule
     measured on the engine zoo (``benchmarks/bench_engine.py --zoo``), where the structured
     engine's dense products are the fastest or within 1.06× of them and its K·v within
     1.12× of the best on every zoo network (wide layers with many outputs are the known
@@ -176,7 +176,7 @@ class Linearization(ChunkedProducts):
         plan = make_plan(self.network, self.space)
         if not plan.layers:
             self.implementation_reason = (
-                f"auto: no Linear/Conv2d layer can be factored ({len(plan.generic)} parameter "
+                f"auto: no Linear/Conv1d/Conv2d layer can be factored ({len(plan.generic)} parameter "
                 "tensors); generic closures cached per chunk"
             )
             return NTKImplementation.CACHED

@@ -188,7 +188,7 @@ def test_auto_follows_the_measured_rule_and_says_why():
     embedding_heavy = nn.Sequential(nn.Embedding(500, 8), nn.Flatten(), nn.Linear(16, 1))
     lin = Linearization(embedding_heavy, params=["0.weight"])
     assert lin.implementation.value == "cached"
-    assert "no Linear/Conv2d layer can be factored" in lin.implementation_reason
+    assert "no Linear/Conv1d/Conv2d layer can be factored" in lin.implementation_reason
     X = torch.randint(0, 500, (5, 2))
     J = reference_jacobian(embedding_heavy, X, params=["0.weight"]).reshape(5, -1)
     V = torch.randn(5, 2)

@@ -1,4 +1,4 @@
-r"""The structured engine: per-layer factors of nn.Linear and nn.Conv2d, cached per chunk.
+r"""The structured engine: per-layer factors of nn.Linear, nn.Conv1d and nn.Conv2d, cached per chunk.
 
 For a layer :math:`z = W a + b` applied at positions :math:`s` (one position for a plain
 Linear layer, the output pixels for a convolution, whose :math:`a_s` are the input patches),
@@ -26,12 +26,13 @@ and the dense kernel of plain Linear layers needs no Jacobian at all:
 
 Parameters outside such layers (normalization, embeddings, custom modules) and layers the
 engine cannot factor (a module called more than once, a weight shared between modules, a
-grouped or non-zero-padded convolution) go through the cached ``torch.func`` closures of
+module whose ``forward`` is overridden) go through the cached ``torch.func`` closures of
 :mod:`pyro_ntk._engines.cached`, restricted to those parameters, in the same product.
 
-Three modules, one per step: :mod:`.plan` (which layers are factored, and the example
-dimension of each), :mod:`.factors` (the per-chunk ``A`` and ``B``), :mod:`.products`
-(the products from them); :mod:`.engine` ties them to the generic remainder and the proof.
+One module per step: :mod:`.plan` (which layers are factored, and the example dimension of
+each), :mod:`.factors` (the per-chunk ``A`` and ``B``), :mod:`.products` (the products from
+them), :mod:`.gram` (the dense kernel, the cheaper of two routes per layer); :mod:`.engine`
+ties them to the generic remainder and the proof.
 """
 
 from pyro_ntk._engines.structured.engine import StructuredEngine as StructuredEngine

@@ -18,9 +18,9 @@ from pyro_ntk._engines.cached import push
 from pyro_ntk._engines.preflight import Reference, Report, agree, relative_error, tolerance
 from pyro_ntk._engines.routes import dense_rows, pull_columns
 from pyro_ntk._engines.structured.factors import Factors, LayerFactors, build_factors, layer_factors
+from pyro_ntk._engines.structured.gram import layers_block
 from pyro_ntk._engines.structured.plan import Demote, Layer, make_plan, trace_batch_dims
 from pyro_ntk._engines.structured.products import (
-    layers_block,
     layers_diag,
     layers_jacobian,
     layers_jvp,
@@ -101,6 +101,36 @@ class StructuredEngine(Engine):
             kind = f" ({type(module).__name__})" if module is not None else ""
             report.add(f"{name}{kind}", "generic", why)
         super().prepare(where, ref, report)
+
+    def prove_dense(self, where: str, ref: Reference, report: Report) -> None:
+        """Prove the patch-Gram route against the contraction one, then the dense routes.
+
+        The per-layer route rule (:func:`~.gram.choose_route`) depends on the sizes, so the
+        probe's own choice does not exercise both: the factored blocks are computed once
+        with the patch Gram forced and once with Jacobian contraction forced, and the
+        patch Gram is switched off (reported) when they disagree.
+        """
+        if self.plan.layers and self.plan.patch_gram:
+            problem = self._gram_error(ref)
+            if problem is not None:
+                self.plan.patch_gram = False
+                report.add(
+                    "dense K (structured)", "fallback", f"{problem} → Jacobian contraction only"
+                )
+        super().prove_dense(where, ref, report)
+
+    def _gram_error(self, ref: Reference) -> str | None:
+        """How far the patch-Gram blocks are from the contraction ones on the probe."""
+        scales = piece_scales(self.plan, None)
+        fac = self._factors(ref.X)
+        try:
+            patch = layers_block(self.plan, fac, fac, scales, route="patch")
+        except Exception as exc:  # noqa: BLE001 - the route is switched off with this reason
+            return f"patch Gram raised {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+        want = layers_block(self.plan, fac, fac, scales, route="contraction")
+        if not agree(patch, want, tolerance(self.space.dtype)):
+            return f"patch-Gram K off by {relative_error(patch, want):.2g}"
+        return None
 
     def _layer_error(self, ref: Reference, layer: Layer | None) -> str | None:
         """How far the factored products of ``layer`` (``None``: all) are from the reference."""

@@ -1,7 +1,9 @@
 """Which linearized parameters the structured engine factors, and how each layer is laid out.
 
-A layer is factored when it is an ``nn.Linear`` or ``nn.Conv2d`` (zero padding, one group)
-whose parameters no other module shares. Nothing about the layout is guessed: the preflight
+A layer is factored when it is an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` (any stride,
+padding, dilation, groups and padding mode) whose parameters no other module shares. A
+convolution is laid out as a 2-D one (a ``Conv1d`` on a height-1 image), with its input
+padded per side exactly as the module pads it (:func:`conv_pads`). Nothing about the layout is guessed: the preflight
 establishes, for each layer, which dimension of its input carries the examples (the one
 dimension whose size follows the number of examples when the network runs on 2 and on 3 of
 them; a sequence-first ``(T, N, d)`` input has it at dim 1). A layer whose example
@@ -28,15 +30,27 @@ class Layer:
 
     module_name: str
     module: nn.Module
-    kind: str  # "linear" or "conv2d"
+    kind: str  # "linear", "conv1d" or "conv2d"
     weight: str | None  # flat parameter name, when the weight is linearized
     bias: str | None
     w_slice: slice | None
     b_slice: slice | None
     d_out: int
-    d_in: int
-    padding: tuple[int, int] = (0, 0)
+    d_in: int  # per group: a convolution's ``C_in/groups · kh · kw``
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # F.pad order: left, right, top, bottom
+    padding_mode: str = "zeros"
+    groups: int = 1
     batch_dim: int | None = None  # the input's example dimension, established by tracing
+
+    @property
+    def spatial_dims(self) -> int:
+        """Spatial dimensions of a convolution's input (0 for a Linear layer)."""
+        return {"linear": 0, "conv1d": 1, "conv2d": 2}[self.kind]
+
+    @property
+    def in_width(self) -> int:
+        """Width of one row of ``A``: ``groups · d_in`` (all groups' patches side by side)."""
+        return self.groups * self.d_in
 
 
 @dataclass
@@ -46,6 +60,7 @@ class Plan:
     layers: list[Layer]
     generic: list[str]
     reasons: dict[str, str] = field(default_factory=dict)  # module → why it is generic
+    patch_gram: bool = True  # whether dense blocks may take the patch-Gram route (.gram)
 
     def structured_fraction(self, space: ParameterSpace) -> float:
         """Share of ``P`` held by factored layers."""
@@ -64,7 +79,7 @@ class Plan:
             if n
         }
         generic = [n for n in space.names if n in moved or n in self.generic]
-        return Plan(keep, generic, {**self.reasons, **reasons})
+        return Plan(keep, generic, {**self.reasons, **reasons}, self.patch_gram)
 
 
 class Demote(Exception):
@@ -79,18 +94,43 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _conv_padding(m: nn.Conv2d) -> tuple[int, int] | None:
-    if isinstance(m.padding, str):
-        if m.padding == "valid":
-            return (0, 0)
-        pads = []
-        for k, d in zip(m.kernel_size, m.dilation):
-            total = d * (k - 1)
-            if total % 2:
-                return None  # asymmetric "same" padding
-            pads.append(total // 2)
-        return (pads[0], pads[1])
-    return (int(m.padding[0]), int(m.padding[1]))
+def conv_pads(m: nn.Conv1d | nn.Conv2d) -> tuple[int, int, int, int]:
+    """Per-side padding ``(left, right, top, bottom)`` of a convolution, as a 2-D one.
+
+    ``"same"`` pads ``d·(k−1)`` per dimension, ``⌊d·(k−1)/2⌋`` before and the rest after
+    (PyTorch's rule, asymmetric for even ``d·(k−1)``); ``"valid"`` pads nothing.
+
+    >>> conv_pads(nn.Conv2d(1, 1, (2, 3), padding="same"))
+    (1, 1, 0, 1)
+    """
+    pairs = []
+    for i, (k, d) in enumerate(zip(m.kernel_size, m.dilation)):
+        if isinstance(m.padding, str):
+            total = d * (k - 1) if m.padding == "same" else 0
+            pairs.append((total // 2, total - total // 2))
+        else:
+            pairs.append((int(m.padding[i]), int(m.padding[i])))
+    if len(pairs) == 1:  # Conv1d: a height-1 image
+        pairs = [(0, 0)] + pairs
+    (top, bottom), (left, right) = pairs
+    return (left, right, top, bottom)
+
+
+_KINDS = {
+    nn.Linear: "linear",
+    nn.Conv1d: "conv1d",
+    nn.Conv2d: "conv2d",
+}
+
+
+def _kind(m: nn.Module) -> str | None:
+    """The factored kind of a module whose forward is a stock Linear/Conv1d/Conv2d one."""
+    for cls, kind in _KINDS.items():
+        if type(m).forward is cls.forward and (
+            kind == "linear" or type(m)._conv_forward is cls._conv_forward
+        ):
+            return kind
+    return None
 
 
 def make_plan(network: nn.Module, space: ParameterSpace) -> Plan:
@@ -105,34 +145,20 @@ def make_plan(network: nn.Module, space: ParameterSpace) -> Plan:
         owners[id(p)] = owners.get(id(p), 0) + 1
     layers, reasons, taken = [], {}, set()
     for mname, m in network.named_modules():
-        if type(m).forward is nn.Linear.forward:
-            kind = "linear"
-        elif type(m).forward is nn.Conv2d.forward:
-            kind = "conv2d"
-        else:
+        kind = _kind(m)
+        if kind is None:
             continue
         w_name, b_name = _join(mname, "weight"), _join(mname, "bias")
         own = [n for n in (w_name, b_name) if n in selected]
         if not own:
             continue
         mine = [p for p in (getattr(m, "weight", None), getattr(m, "bias", None)) if p is not None]
-        padding = (0, 0)
-        why = None
         if any(owners.get(id(p), 0) > 1 for p in mine):
-            why = "a parameter shared with another module"
-        elif kind == "conv2d":
-            pad = _conv_padding(m)
-            if m.groups != 1:
-                why = f"groups={m.groups}"
-            elif m.padding_mode != "zeros":
-                why = f"padding_mode={m.padding_mode!r}"
-            elif pad is None:
-                why = "asymmetric 'same' padding"
-            else:
-                padding = pad
-        if why is not None:
-            reasons[mname] = why
+            reasons[mname] = "a parameter shared with another module"
             continue
+        conv = {}
+        if kind != "linear":
+            conv = dict(pads=conv_pads(m), padding_mode=m.padding_mode, groups=m.groups)
         weight = m.weight
         layers.append(
             Layer(
@@ -145,7 +171,7 @@ def make_plan(network: nn.Module, space: ParameterSpace) -> Plan:
                 b_slice=offsets.get(b_name) if b_name in selected else None,
                 d_out=weight.shape[0],
                 d_in=weight[0].numel(),
-                padding=padding,
+                **conv,
             )
         )
         taken.update(own)
@@ -213,7 +239,7 @@ def trace_batch_dims(
                     else "the examples are merged with another dimension)"
                 )
             )
-        elif layer.kind == "conv2d" and (b != 0 or len(a2) != 4):
+        elif layer.kind != "linear" and (b != 0 or len(a2) != layer.spatial_dims + 2):
             bad[layer.module_name] = f"a convolution whose examples lie in dim {b}"
         elif layer.batch_dim is not None and layer.batch_dim != b:
             bad[layer.module_name] = (

@@ -3,12 +3,11 @@ r"""Jacobian products of the factored layers from one chunk's factors (:mod:`.fa
 .. math::
 
     (J V)_{n,o} = \sum_l \sum_s B_{n,o,s}^\top (V_W A_{n,s} + V_b), \qquad
-    J^\top U = \sum_{n,o} U_{n,o} \sum_s B_{n,o,s} A_{n,s}^\top, \qquad
-    K_l = \big(\sigma_W^2 A_1 A_2^\top + \sigma_b^2\big) \odot \big(B_1 B_2^\top\big).
+    J^\top U = \sum_{n,o} U_{n,o} \sum_s B_{n,o,s} A_{n,s}^\top,
 
-Cost per column: about one forward-sized matrix product per layer. A dense block of plain
-Linear layers is ``n1·n2·(d_in + O²·d_out)`` per layer with no Jacobian; convolutions go
-through their per-example gradients and one GEMM. The generic remainder is the engine's.
+per group of a grouped convolution (:func:`grouped_push`, :func:`grouped_pull`). Cost per
+column: about one forward-sized matrix product per layer. The dense kernel is in
+:mod:`.gram`; the generic remainder is the engine's.
 """
 
 from __future__ import annotations
@@ -56,6 +55,38 @@ def spread_outputs(B: Tensor, U: Tensor) -> Tensor:
     return torch.bmm(B.transpose(1, 2), U)
 
 
+def grouped_push(A: Tensor, Vw: Tensor, groups: int, d_out: int, k: int) -> Tensor:
+    """``dz[n, s·j, k] = Σ_i A[n, s, g(j)·d + i] W_k[j, i]``: the tangent of a (grouped) layer.
+
+    ``A (n, S, G·d)``, ``Vw (d_out·d, k)`` in the weight's layout; one GEMM, or one ``bmm``
+    over the ``G`` groups (output channel ``j`` of group ``g(j)`` sees its group's columns
+    only). Returns ``(n, S·d_out, k)``. Cost ``n·S·d_out·d·k``.
+    """
+    n, S, width = A.shape
+    d, og = width // groups, d_out // groups
+    Wt = Vw.reshape(groups, og, d, k).permute(0, 2, 1, 3).reshape(groups, d, og * k)
+    if groups == 1:
+        return (A.reshape(n * S, d) @ Wt[0]).reshape(n, S * d_out, k)
+    dz = torch.bmm(A.reshape(n * S, groups, d).transpose(0, 1), Wt)  # (G, n·S, og·k)
+    return dz.reshape(groups, n * S, og, k).transpose(0, 1).reshape(n, S * d_out, k)
+
+
+def grouped_pull(A: Tensor, G: Tensor, groups: int, d_out: int, k: int) -> Tensor:
+    """``dW[j, i, k] = Σ_{n,s} G[n, s·j, k] A[n, s, g(j)·d + i]``, flat ``(d_out·d, k)``.
+
+    The transpose of :func:`grouped_push`: ``A (n, S, G·d)``, ``G (n, S·d_out, k)``.
+    Cost ``n·S·d_out·d·k``.
+    """
+    n, S, width = A.shape
+    d, og = width // groups, d_out // groups
+    if groups == 1:
+        dW = G.reshape(n * S, d_out * k).T @ A.reshape(n * S, d)  # (d_out·k, d)
+        return dW.reshape(d_out, k, d).transpose(1, 2).reshape(-1, k)
+    Gg = G.reshape(n * S, groups, og * k).transpose(0, 1)  # (G, n·S, og·k)
+    dW = torch.bmm(Gg.transpose(1, 2), A.reshape(n * S, groups, d).transpose(0, 1))
+    return dW.reshape(groups, og, k, d).permute(0, 1, 3, 2).reshape(-1, k)
+
+
 def layers_jvp(plan: Plan, fac: Factors, V: Tensor) -> Tensor | None:
     """``Σ_l J_l V_l`` over the factored layers, ``(n, O, k)`` (``None``: no layer)."""
     k = V.shape[1]
@@ -94,8 +125,7 @@ def layers_jvp(plan: Plan, fac: Factors, V: Tensor) -> Tensor | None:
             if layer.bias is not None:
                 part = part + (B.reshape(n, d_out) @ V[layer.b_slice]).unsqueeze(1)
         elif layer.weight is not None:
-            Wt = V[layer.w_slice].reshape(d_out, d_in, k).permute(1, 0, 2).reshape(d_in, -1)
-            dz = (A.reshape(n * S, d_in) @ Wt).reshape(n, S * d_out, k)
+            dz = grouped_push(A, V[layer.w_slice], layer.groups, d_out, k)
             if layer.bias is not None:
                 dz = (dz.reshape(n, S, d_out, k) + V[layer.b_slice]).reshape(n, S * d_out, k)
             part = contract_outputs(B.reshape(n, O, S * d_out), dz)
@@ -132,8 +162,7 @@ def layers_vjp(plan: Plan, fac: Factors, U: Tensor) -> dict[str, Tensor]:
         elif layer.weight is not None:
             # G[n, s·j, k] = Σ_o B[n, o, s, j] U[n, o, k]
             G = spread_outputs(B.reshape(n, O, S * d_out), U)
-            dW = G.reshape(n * S, d_out * k).T @ A.reshape(n * S, d_in)  # (d_out·k, d_in)
-            pieces[layer.weight] = dW.reshape(d_out, k, d_in).transpose(1, 2).reshape(-1, k)
+            pieces[layer.weight] = grouped_pull(A, G, layer.groups, d_out, k)
         if layer.bias is not None:
             pieces[layer.bias] = fac.bsum(i).reshape(n * O, d_out).T @ U.reshape(n * O, k)
     return pieces
@@ -176,7 +205,7 @@ def layers_diag(plan: Plan, fac: Factors, scales: list[tuple]) -> Tensor | None:
         A, B = fac.A[i], fac.B[i]
         part = 0.0
         if layer.weight is not None:
-            if A is not None and A.shape[1] == 1:
+            if A is not None and A.shape[1] == 1 and layer.groups == 1:
                 wn = B.square().sum((2, 3)) * A.square().sum((1, 2)).unsqueeze(1)
             else:
                 wn = fac.wgrad(i).square().sum(-1)
@@ -185,35 +214,3 @@ def layers_diag(plan: Plan, fac: Factors, scales: list[tuple]) -> Tensor | None:
             part = part + sb * fac.bsum(i).square().sum(-1)
         out = part if out is None else out + part
     return out
-
-
-def layers_block(plan: Plan, f1: Factors, f2: Factors, scales: list[tuple]) -> Tensor | None:
-    """``Σ_l J_l(X1) S_l J_l(X2)ᵀ``, ``(n1·O, n2·O)`` (``None``: no layer)."""
-    K = None
-    for i, (layer, (sw, sb)) in enumerate(zip(plan.layers, scales)):
-        A1, B1, A2, B2 = f1.A[i], f1.B[i], f2.A[i], f2.B[i]
-        if A1 is not None and A1.shape[1] == 1:
-            n1, O, _, d_out = B1.shape
-            n2 = B2.shape[0]
-            # K_l = (σ_W² A1 A2ᵀ + σ_b²) ⊙ (B1 B2ᵀ)
-            BB = (B1.reshape(n1 * O, d_out) @ B2.reshape(n2 * O, d_out).T).reshape(n1, O, n2, O)
-            coef = 0.0
-            if layer.weight is not None:
-                coef = sw * (A1.reshape(n1, -1) @ A2.reshape(n2, -1).T)
-            if layer.bias is not None:
-                coef = coef + sb
-            part = BB * (coef[:, None, :, None] if isinstance(coef, Tensor) else coef)
-            part = part.reshape(n1 * O, n2 * O)
-        else:
-            part = 0.0
-            if layer.weight is not None:
-                G1 = f1.wgrad(i)
-                G1 = G1.reshape(-1, G1.shape[2])
-                G2 = G1 if f2 is f1 else f2.wgrad(i).reshape(-1, G1.shape[1])
-                part = sw * (G1 @ G2.T)
-            if layer.bias is not None:
-                b1 = f1.bsum(i)
-                b1 = b1.reshape(-1, b1.shape[2])
-                part = part + sb * (b1 @ f2.bsum(i).reshape(-1, b1.shape[1]).T)
-        K = part if K is None else K + part
-    return K

@@ -1,0 +1,367 @@
+"""Convolution benchmark: structured conv products on a ResNet-style CNN and at ResNet-18 shape.
+
+Everything in one process, timed round-robin (min of ``--repeats``, :mod:`_common`), float32,
+``torch.set_num_threads(2)`` on CPU; times are ratios to one forward+backward pass
+(``net(X).sum().backward()``) over the same N, measured in the same rounds.
+
+1. **ResNet-style CNN** (``bench_engine.resnet_small``: BasicBlocks with BatchNorm in eval
+   mode, residual adds, a strided grouped conv, global pooling; 3×32×32 → 10) at N = 512:
+   per engine (``functorch``, ``cached``, ``structured``, and what ``auto`` picks) one K·v,
+   16 right-hand sides and the first call (building the caches); plain ``torch.func``
+   vjp+jvp; the dense K (at ``--n-dense``) against ``torch.func`` Jacobian contraction
+   (``vmap(jacrev)`` + ``einsum``). Once with every parameter (BatchNorm's affine
+   parameters go through the generic route) and once with the conv/linear weights only.
+2. **Dense-K route rule**: per conv layer, the patch Gram and the Jacobian contraction
+   (:mod:`pyro_ntk._engines.structured.gram`) timed against each other at ``--n-dense``,
+   beside the route the flop rule picks.
+3. **ResNet-18 shape** (CIFAR stem, [2, 2, 2, 2] BasicBlocks, 11.2 M parameters) at small N
+   (``--n18``): one K·v per engine, the first call, and the factors' size against the
+   ``N·O·P`` Jacobian that no path forms.
+4. **Peak memory** of one K·v (first call: caches included) per engine against
+   forward+backward: a fresh subprocess's peak RSS on CPU (``VmHWM``), CUDA
+   ``max_memory_allocated`` on GPU.
+
+Usage: ``python benchmarks/bench_conv.py [--quick] [--repeats R] [--device cuda] [--write]``
+(``--write`` replaces the "Convolutions" section of RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import interleaved_min, machine, markdown_table, peak_rss_subprocess, write_section
+from bench_engine import forward_backward, jacobian_contraction, resnet_small, torch_func_mvm
+
+import pyro_ntk._engines.structured.factors as factors_mod
+from pyro_ntk import Linearization
+from pyro_ntk._engines.structured.factors import build_factors, weight_grads
+from pyro_ntk._engines.structured.gram import (
+    choose_route,
+    contraction_flops,
+    patch_gram,
+    patch_gram_flops,
+)
+
+ENGINES = ("functorch", "cached", "structured")
+
+
+# ---------------------------------------------------------------------------- networks
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock (projection shortcut on a stride or width change)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.down = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out
+            else nn.Identity()
+        )
+
+    def forward(self, x):
+        """relu(bn2(conv2(relu(bn1(conv1(x))))) + down(x))."""
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + self.down(x))
+
+
+def resnet18(num_classes: int = 10) -> nn.Module:
+    """ResNet-18 for 3×32×32 inputs (3×3 stem, no max-pool): 11,173,962 parameters."""
+    layers, c = [], 64
+    for width, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [BasicBlock(c, width, stride), BasicBlock(width, width)]
+        c = width
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        *layers,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(512, num_classes),
+    )
+
+
+def factored_weights(net: nn.Module) -> list[str]:
+    """The parameters of the conv/linear layers (BatchNorm's affine parameters frozen)."""
+    return [
+        f"{m_name}.{p_name}" if m_name else p_name
+        for m_name, m in net.named_modules()
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))
+        for p_name, _ in m.named_parameters(recurse=False)
+    ]
+
+
+BUILDERS = {"resnet_small": resnet_small, "resnet18": resnet18}
+
+
+def build(name: str, device: str) -> nn.Module:
+    torch.manual_seed(0)
+    net = BUILDERS[name]().to(device).eval()
+    with torch.no_grad():  # non-trivial running statistics, as after training
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return net
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    def run():
+        out = fn()
+        sync(device)
+        return out
+
+    return run
+
+
+def measure(fns: dict, repeats: int, device: str) -> dict:
+    """``interleaved_min`` after one warm-up call of each, whose time is printed (progress)."""
+    fns = {k: timed(f, device) for k, f in fns.items()}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        print(f"  warm-up {name}: {time.perf_counter() - t0:.2f} s", file=sys.stderr, flush=True)
+    return interleaved_min(fns, repeats, warmup=0)
+
+
+# ---------------------------------------------------------------------------- timings
+def products_table(net, X, X_dense, params, repeats, device, dense: bool) -> tuple[str, dict]:
+    """K·v, 16 RHS, first call, dense K per engine; ratios to forward+backward."""
+    N = X.shape[0]
+    O = net(X[:1]).numel()
+    lins = {e: Linearization(net, params, implementation=e) for e in ENGINES + ("auto",)}
+    picked = lins["auto"].implementation.value
+    fns = {"forward+backward": forward_backward(net, X)}
+    V1, V16 = torch.randn(N * O, 1, device=device), torch.randn(N * O, 16, device=device)
+    for e, lin in lins.items():
+        t0 = time.perf_counter()
+        lin(X)  # preflight on this input signature
+        print(f"  preflight {e}: {time.perf_counter() - t0:.2f} s", file=sys.stderr, flush=True)
+        for k, V in ((1, V1), (16, V16)):
+            fns[f"{e}, K·v k={k}"] = lambda lin=lin, V=V: lin.ntk_mvm(X, X, V)
+        if lin.engine.caches_closures or e == "auto":
+
+            def first(lin=lin):
+                lin.clear_cache()
+                lin.ntk_mvm(X, X, V1)
+
+            fns[f"{e}, first call (builds caches)"] = first
+    if params is None:
+        fns["torch.func vjp+jvp, k=1"] = torch_func_mvm(net, X, V1)
+        fns["torch.func vjp+jvp, k=16"] = torch_func_mvm(net, X, V16)
+    best = measure(fns, repeats, device)
+    fb = best["forward+backward"]
+    rows = [[k, f"{t * 1e3:.1f}", f"{t / fb:.2f}"] for k, t in best.items()]
+    fig = {k: t / fb for k, t in best.items()}
+    fig["auto picks"] = picked
+    if dense:
+        nd = X_dense.shape[0]
+        dfns = {f"forward+backward, N={nd}": forward_backward(net, X_dense)}
+        for e, lin in lins.items():
+            lin(X_dense)
+            dfns[f"{e}, dense K"] = lambda lin=lin: lin.ntk_dense(X_dense)
+        if params is None:
+            dfns["torch.func Jacobian contraction"] = jacobian_contraction(net, X_dense)
+        dbest = measure(dfns, repeats, device)
+        fbd = dbest[f"forward+backward, N={nd}"]
+        rows += [[k, f"{t * 1e3:.1f}", f"{t / fbd:.1f}"] for k, t in dbest.items()]
+        fig.update({k: t / fbd for k, t in dbest.items()})
+        if params is None:
+            jc = dbest["torch.func Jacobian contraction"]
+            fig["dense speedup"] = {e: jc / dbest[f"{e}, dense K"] for e in lins}
+    table = markdown_table([f"N={N}, O={O}", "ms", "× fwd+bwd"], rows)
+    return table, fig
+
+
+def route_table(net, X, repeats, device) -> str:
+    """Per conv layer: the patch Gram against the Jacobian contraction, and the rule's pick."""
+    lin = Linearization(net, implementation="structured")
+    lin(X)
+    engine = lin.engine
+    keep = factors_mod.prefer_gradients
+    factors_mod.prefer_gradients = lambda *a: False  # hold A and B for every layer
+    try:
+        fac, _ = build_factors(
+            engine.plan, engine.f, engine.space.theta, engine.routes, engine.network, X
+        )
+    finally:
+        factors_mod.prefer_gradients = keep
+    n = X.shape[0]
+    rows = []
+    for i, layer in enumerate(engine.plan.layers):
+        A, B = fac.A[i], fac.B[i]
+        if layer.kind == "linear" or layer.weight is None:
+            continue
+        _, O, S, d_out = B.shape
+        P_W = layer.d_out * layer.d_in
+
+        def patch(A=A, B=B, g=layer.groups):
+            return patch_gram(A, B, A, B, g)
+
+        def contraction(A=A, B=B, g=layer.groups, rows=n * O):
+            G = weight_grads(A, B, g).reshape(rows, -1)
+            return G @ G.T
+
+        fp = patch_gram_flops(S, layer.in_width, d_out, O, layer.groups)
+        fc = contraction_flops(S, P_W, O, n, n, False)
+        fns = {"patch": patch, "jc": contraction} if fp < 20 * fc else {"jc": contraction}
+        t = {"patch": float("nan"), **measure(fns, repeats, device)}  # nan: > 20× the flops
+        rule = choose_route(layer, S, O, n, n)
+        faster = "patch" if t["patch"] < t["jc"] else "contraction"
+        rows.append(
+            [
+                layer.module_name,
+                f"S={S}, G·d_in={layer.in_width}, d_out={d_out}, G={layer.groups}",
+                f"{patch_gram_flops(S, layer.in_width, d_out, O, layer.groups) / 1e3:.0f}k",
+                f"{contraction_flops(S, P_W, O, n, n, False) / 1e3:.0f}k",
+                f"{t['patch'] * 1e3:.1f}",
+                f"{t['jc'] * 1e3:.1f}",
+                rule,
+                faster,
+            ]
+        )
+    headers = [
+        f"layer (N={n})",
+        "shape",
+        "patch flops/pair",
+        "contraction flops/pair",
+        "patch ms",
+        "contraction ms",
+        "rule picks",
+        "faster",
+    ]
+    return markdown_table(headers, rows)
+
+
+# ---------------------------------------------------------------------------- memory
+MEMORY_CODE = """
+import sys, torch
+sys.path.insert(0, {bench!r})
+from bench_conv import build, forward_backward, torch_func_mvm
+from pyro_ntk import Linearization
+device = {device!r}
+net = build({net!r}, device)
+X = torch.randn({n}, 3, 32, 32, device=device)
+V = torch.randn({n} * 10, 1, device=device)
+what = {what!r}
+if what != 'forward+backward' and what != 'torch.func vjp+jvp':
+    lin = Linearization(net, implementation=what)
+    lin(X[:4])  # preflight on a small batch: the peak below is the product's
+if device == 'cuda':
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+base = torch.cuda.memory_allocated() if device == 'cuda' else 0
+if what == 'forward+backward':
+    forward_backward(net, X)()
+elif what == 'torch.func vjp+jvp':
+    torch_func_mvm(net, X, V)()
+else:
+    lin.ntk_mvm(X, X, V)
+cache = getattr(getattr(lin, 'engine', None), 'cache', None) if what in ('cached', 'structured') else None
+RESULT = dict(cuda_peak_mib=(torch.cuda.max_memory_allocated() - base) / 2**20 if device == 'cuda' else None)
+"""
+
+
+def memory_table(net_name: str, n: int, device: str, whats) -> tuple[str, dict]:
+    """Peak memory of one K·v per engine (first call) against forward+backward."""
+    bench = str(Path(__file__).resolve().parent)
+    res = {}
+    for what in whats:
+        code = MEMORY_CODE.format(bench=bench, device=device, net=net_name, n=n, what=what)
+        r = peak_rss_subprocess(code)
+        res[what] = r["cuda_peak_mib"] if device == "cuda" else r["peak_mib"] - r["baseline_mib"]
+    fb = res["forward+backward"]
+    rows = [[w, f"{m:.0f}", f"{m / fb:.2f}"] for w, m in res.items()]
+    unit = "CUDA max_memory_allocated MiB" if device == "cuda" else "peak RSS − baseline, MiB"
+    return markdown_table([f"{net_name}, N={n}, one K·v", unit, "× fwd+bwd"], rows), res
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N = 128, N_dense = 32, N18 = 8")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--n", type=int, default=512, help="N of the ResNet-style K·v")
+    parser.add_argument("--n-dense", type=int, default=128, help="N of the dense K")
+    parser.add_argument("--n18", type=int, default=32, help="N at ResNet-18 shape")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--write", action="store_true", help="replace RESULTS.md's section")
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.n_dense, args.n18 = 128, 32, 8
+    torch.set_num_threads(args.threads)
+    dev = args.device
+    out = [
+        f"Machine: {machine()}. Command: `python benchmarks/bench_conv.py "
+        f"{' '.join(sys.argv[1:] if argv is None else argv)}`."
+    ]
+    figures = {}
+    t0 = time.perf_counter()
+
+    net = build("resnet_small", dev)
+    P = sum(p.numel() for p in net.parameters())
+    X = torch.randn(args.n, 3, 32, 32, device=dev)
+    Xd = X[: args.n_dense]
+    for label, params in (("every parameter", None), ("conv/linear only", factored_weights(net))):
+        table, fig = products_table(net, X, Xd, params, args.repeats, dev, dense=True)
+        figures[f"resnet_small, {label}"] = fig
+        out.append(
+            f"### ResNet-style CNN (P={P}), {label}; auto picks {fig['auto picks']!r}\n\n{table}"
+        )
+        print(out[-1], flush=True)
+    out.append(f"### Dense-K routes per conv layer\n\n{route_table(net, Xd, args.repeats, dev)}")
+    print(out[-1], flush=True)
+
+    net18 = build("resnet18", dev)
+    P18 = sum(p.numel() for p in net18.parameters())
+    X18 = torch.randn(args.n18, 3, 32, 32, device=dev)
+    table, fig = products_table(net18, X18, None, None, max(1, args.repeats - 1), dev, dense=False)
+    lin = Linearization(net18, implementation="structured")
+    lin.ntk_mvm(X18, X18, torch.randn(args.n18 * 10, 1, device=dev))
+    held = lin.engine.cache.nbytes
+    jac = args.n18 * 10 * P18 * 4
+    note = (
+        f"Structured factors held: {held / 2**20:.0f} MiB; the N·O·P Jacobian would be "
+        f"{jac / 2**20:.0f} MiB."
+    )
+    figures["resnet18"] = fig
+    out.append(f"### ResNet-18 shape (P={P18}), N={args.n18}\n\n{table}\n\n{note}")
+    print(out[-1], flush=True)
+
+    if not args.skip_memory:
+        whats = ("forward+backward", "structured", "cached", "functorch", "torch.func vjp+jvp")
+        for name, n in (("resnet_small", args.n), ("resnet18", args.n18)):
+            table, res = memory_table(name, n, dev, whats)
+            figures[f"memory {name}"] = res
+            out.append(f"### Peak memory, {name}\n\n{table}")
+            print(out[-1], flush=True)
+    out.append(f"Total run time {time.perf_counter() - t0:.0f} s.")
+    body = "\n\n".join(out)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1, default=str))
+    if args.write:
+        write_section("Convolutions", body)
+
+
+if __name__ == "__main__":
+    main()
