@@ -1,67 +1,137 @@
-"""The transfer suite's scores and paired rule, against hand computations and scipy."""
+"""The transfer suite (benchmarks/transfer_suite): scores, the paired rule, tiny end-to-end runs."""
 
 from __future__ import annotations
 
-import importlib
 import math
 import sys
 from pathlib import Path
 
+import pyro
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "transfer_suite"))
+
+from transfer_suite import baselines, ntk, report, scores  # noqa: E402
+from transfer_suite.source import train_source  # noqa: E402
+from transfer_suite.tasks import load_task, make_draw  # noqa: E402
+
+D = torch.float64
 
 
-@pytest.fixture(scope="module")
-def scores():
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))  # the suite lives beside the benchmark scripts
-    return importlib.import_module("transfer_suite.scores")
-
-
-def test_gaussian_scores_by_hand(scores):
-    mean = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
-    var = torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64)
-    y = torch.tensor([0.5, 1.0, 4.0], dtype=torch.float64)
+def test_gaussian_scores_by_hand():
+    mean = torch.tensor([0.0, 1.0], dtype=D)
+    var = torch.tensor([1.0, 4.0], dtype=D)
+    y = torch.tensor([1.0, 6.0], dtype=D)
     s = scores.gaussian_scores(mean, var, y)
-    nll = [0.5 * math.log(2 * math.pi * v) + 0.5 * (t - m) ** 2 / v
-           for m, v, t in zip([0, 1, 2], [1, 4, 0.25], [0.5, 1, 4])]  # fmt: skip
-    assert s["nll"] == pytest.approx(sum(nll) / 3, rel=1e-12)
-    assert s["rmse"] == pytest.approx(math.sqrt((0.25 + 0 + 4) / 3), rel=1e-12)
-    assert s["coverage"] == pytest.approx(2 / 3)  # |4 − 2| = 2 > 1.96 · 0.5
+    nll = (0.5 * math.log(2 * math.pi) + 0.5 + 0.5 * math.log(8 * math.pi) + 25 / 8) / 2
+    assert s["rmse"] == pytest.approx(math.sqrt((1 + 25) / 2))
+    assert s["nll"] == pytest.approx(nll)
+    assert s["coverage"] == 0.5  # |5| > 1.96·2
 
 
-def test_classification_scores_by_hand(scores):
-    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]], dtype=torch.float64)
+def test_classification_scores_and_ece_by_hand():
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]], dtype=D)
     y = torch.tensor([0, 1, 1, 1])
     s = scores.classification_scores(probs, y)
-    assert s["accuracy"] == pytest.approx(0.75)
+    assert s["accuracy"] == 0.75
     assert s["nll"] == pytest.approx(
         -(math.log(0.9) + math.log(0.4) + math.log(0.7) + math.log(0.8)) / 4
     )
-    # bins (k/15, (k+1)/15]: 0.6 and 0.7 fall in bins 8 and 10, 0.8 in 11, 0.9 in 13: one point each
+    # bins of width 1/15: 0.9 → bin 13 (acc 1), 0.6 → bin 8 (acc 0), 0.7 → bin 10, 0.8 → bin 11
     ece = (abs(1 - 0.9) + abs(0 - 0.6) + abs(1 - 0.7) + abs(1 - 0.8)) / 4
-    assert s["ece"] == pytest.approx(ece, rel=1e-12)
+    assert s["ece"] == pytest.approx(ece)
 
 
-def test_count_scores_against_scipy(scores):
+def test_count_scores_against_scipy():
     stats = pytest.importorskip("scipy.stats")
-    rates = torch.tensor([0.5, 3.0, 10.0, 40.0], dtype=torch.float64)
-    y = torch.tensor([0.0, 7.0, 10.0, 20.0], dtype=torch.float64)
+    rates = torch.tensor([[2.0, 5.0, 0.5], [4.0, 5.0, 1.5]], dtype=D)
+    y = torch.tensor([0.0, 11.0, 3.0], dtype=D)
     s = scores.count_scores(rates, y)
-    lam, t = rates.numpy(), y.numpy()
-    assert s["nll"] == pytest.approx(float(-stats.poisson.logpmf(t, lam).mean()), rel=1e-10)
-    lo, hi = stats.poisson.ppf(0.025, lam), stats.poisson.ppf(0.975, lam)
-    assert s["coverage"] == pytest.approx(float(((t >= lo) & (t <= hi)).mean()))
-    assert s["rmse"] == pytest.approx(float(((lam - t) ** 2).mean() ** 0.5), rel=1e-12)
+    pmf = [0.5 * (stats.poisson.pmf(k, a) + stats.poisson.pmf(k, b)) for k, a, b in
+           zip(y.tolist(), *rates.tolist())]  # fmt: skip
+    assert s["nll"] == pytest.approx(-sum(math.log(p) for p in pmf) / 3)
+    covered = []
+    for k, a, b in zip(y.tolist(), *rates.tolist()):
+        grid = range(60)
+        cdf = [0.5 * (stats.poisson.cdf(j, a) + stats.poisson.cdf(j, b)) for j in grid]
+        lo = next(j for j in grid if cdf[j] >= 0.025)
+        hi = next(j for j in grid if cdf[j] >= 0.975)
+        covered.append(lo <= k <= hi)
+    assert s["coverage"] == pytest.approx(sum(covered) / 3)
+    assert s["rmse"] == pytest.approx(math.sqrt(((3 - 0) ** 2 + (5 - 11) ** 2 + (1 - 3) ** 2) / 3))
 
 
-def test_paired_rule_by_hand(scores):
-    # d = (−1, −1, −1.5): mean −7/6, paired se = sd(d)/√3 = 1/6 → a win
-    mean, se = scores.paired_difference([1.0, 2.0, 3.0], [2.0, 3.0, 4.5])
-    assert mean == pytest.approx(-7 / 6) and se == pytest.approx(1 / 6)
+def test_paired_rule_by_hand():
+    # differences −1, −1, −1.5: mean −7/6, se = sd/√3 > 0 and < 7/6: win
     assert scores.paired_outcome([1.0, 2.0, 3.0], [2.0, 3.0, 4.5]) == "win"
     assert scores.paired_outcome([2.0, 3.0, 4.5], [1.0, 2.0, 3.0]) == "loss"
-    # d = (−0.1, 0.1, 0): mean 0 within one se → a tie
-    assert scores.paired_outcome([1.0, 2.0, 3.0], [1.1, 1.9, 3.0]) == "tie"
+    # differences +1, −1: mean 0: tie; differences 0.1, −0.3, 0.5: mean 0.1, se 0.23: tie
+    assert scores.paired_outcome([1.0, 1.0], [0.0, 2.0]) == "tie"
+    assert scores.paired_outcome([1.1, 0.7, 1.5], [1.0, 1.0, 1.0]) == "tie"
+    mean, se = scores.paired_difference([1.1, 0.7, 1.5], [1.0, 1.0, 1.0])
+    assert mean == pytest.approx(0.1) and se == pytest.approx(0.4 / math.sqrt(3))
+
+
+def test_win_tie_loss_and_targets_by_hand():
+    nll = {  # cell (t, 10): ntk_gp wins vs fine_tune, ties the best baseline (last_layer)
+        ("t", 10): {"ntk_gp": [1.0, 1.2, 0.9], "fine_tune": [2.0, 2.1, 2.2],
+                    "last_layer": [1.0, 1.1, 1.0]},
+        ("t", 50): {"ntk_gp": [1.5, 1.6, 1.7], "fine_tune": [1.0, 1.1, 1.2],
+                    "last_layer": [1.4, 1.5, 1.6]},
+    }  # fmt: skip
+    rows = [dict(task=t, kind="regression", size=n, draw=d, method=m, nll=v, seconds=0.0,
+                 rmse=0.0, coverage=0.9)
+            for (t, n), cell in nll.items() for m, vs in cell.items() for d, v in enumerate(vs)]  # fmt: skip
+    assert report.win_tie_loss(rows, "ntk_gp", "fine_tune") == {"win": 1, "tie": 0, "loss": 1}
+    # best baseline: last_layer at n=10 (mean 1.033 vs ntk 1.033: tie), fine_tune at n=50 (loss)
+    assert report.win_tie_loss(rows, "ntk_gp", "best_baseline") == {"win": 0, "tie": 1, "loss": 1}
+    # fine_tune against the best *other* baseline (last_layer): loss at 10, win at 50
+    assert report.win_tie_loss(rows, "fine_tune", "best_baseline") == {
+        "win": 1,
+        "tie": 0,
+        "loss": 1,
+    }
+    _, summary = report.targets(rows)
+    assert summary["nll_cells_met"] == 1 and summary["nll_cells"] == 2
+    assert "results" not in report.results_table(rows)  # renders without error
+
+
+def test_draws_are_fixed_and_disjoint():
+    task = load_task("hpc")
+    a, b = make_draw(task, 3, 0), make_draw(task, 3, 0)
+    assert torch.equal(a.Xa, b.Xa) and torch.equal(a.ya, torch.arange(4).repeat(3))
+    assert not torch.equal(make_draw(task, 3, 1).Xa, a.Xa)
+    rows = {tuple(r.tolist()) for r in a.Xt}
+    assert not any(tuple(r.tolist()) in rows for r in a.Xa)  # no shot is a test row
+
+
+@pytest.mark.parametrize(
+    "name, methods",
+    [
+        ("diabetes", ["source", "fine_tune", "ablr", "ntk_gp", "ntk_gp_layers"]),
+        ("hpc", ["last_layer", "lin_laplace", "lin_laplace_t"]),
+    ],
+)
+def test_tiny_end_to_end(name, methods, monkeypatch):
+    monkeypatch.setattr(baselines, "FT_STEPS", (0, 5))
+    monkeypatch.setattr(ntk, "EVIDENCE_STEPS", 3)
+    task = load_task(name)
+    net, _ = train_source(task, 0, max_epochs=2)
+    before = [p.detach().clone() for p in net.parameters()]
+    draw = make_draw(task, task.spec.sizes[0], 0)
+    draw.Xt, draw.yt = draw.Xt[:40], draw.yt[:40]
+    ctx = baselines.Context(task, draw, net)
+    from run import score  # noqa: PLC0415  (benchmarks/transfer_suite/run.py)
+
+    for m in methods:
+        pyro.clear_param_store()  # as run.run_method: every model fits its own values
+        pred = {**baselines.METHODS, **ntk.METHODS}[m](ctx)
+        s = score(task.spec.kind, pred, draw.yt)
+        assert all(math.isfinite(v) for v in s.values()), (m, s)
+        if "var" in pred:
+            assert bool((pred["var"] > 0).all())
+        if "probs" in pred:
+            assert torch.allclose(pred["probs"].sum(-1), torch.ones(40, dtype=D))
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))  # θ* untouched

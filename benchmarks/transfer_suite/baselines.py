@@ -130,7 +130,7 @@ def _train(net, kind, X, y, lr, checkpoints, evaluate):
 
 def _heldout_loss(kind: str, out: Tensor, y: Tensor) -> float:
     """Summed held-out loss (the mean is taken over all held-out shots afterwards)."""
-    return float(loss_fn(kind, out, y)) * len(y)
+    return float(loss_fn(kind, out.detach(), y)) * len(y)
 
 
 def fine_tune_choice(ctx: Context) -> dict:
@@ -287,7 +287,11 @@ def rbf_gp(ctx: Context) -> dict:
     fit(gpr, progress=False)
     with torch.no_grad():
         mean, var = gpr(ctx.draw.Xt, full_cov=False, noiseless=False)
-    return {"mean": mean, "var": var, "info": f"lengthscale {float(kernel.lengthscale):.3g}"}
+    return {
+        "mean": mean,
+        "var": var,
+        "info": f"lengthscale {float(kernel.lengthscale.detach()):.3g}",
+    }
 
 
 # ----------------------------------------------------------------------------- ensemble

@@ -76,11 +76,11 @@ def _laplace(ctx: Context, subset: str, structure: str) -> dict:
             s2 = float(la.sigma_noise.detach()) ** 2
             mean = f_mu.detach().reshape(-1)
             var = f_var.detach().reshape(-1) + s2
-            info = f"prior prec {float(la.prior_precision.reshape(-1)[0]):.3g}, noise {s2:.3g}"
+            info = f"prior prec {float(la.prior_precision.detach().reshape(-1)[0]):.3g}, noise {s2:.3g}"
             return {"mean": mean, "var": var, "info": info}
         la.optimize_prior_precision(method="marglik")
         probs = la(ctx.draw.Xt, pred_type="glm", link_approx="probit")
-    info = f"prior prec {float(la.prior_precision.reshape(-1)[0]):.3g}"
+    info = f"prior prec {float(la.prior_precision.detach().reshape(-1)[0]):.3g}"
     return {"probs": probs.detach(), "info": info}
 
 

@@ -49,7 +49,7 @@ def _ntk_gp(ctx: Context, layer_variances: bool) -> dict:
         mean, var = gpr(ctx.draw.Xt, noiseless=False)
     v = ", ".join(f"{x:.2g}" for x in gpr.variance.detach().reshape(-1).tolist())
     return {"mean": mean, "var": var,
-            "info": f"noise {float(gpr.noise):.3g}, var [{v}], {result.steps} steps"}  # fmt: skip
+            "info": f"noise {float(gpr.noise.detach()):.3g}, var [{v}], {result.steps} steps"}  # fmt: skip
 
 
 def ntk_gp(ctx: Context) -> dict:

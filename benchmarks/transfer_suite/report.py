@@ -5,7 +5,7 @@ Rows are dicts ``{task, kind, size, draw, method, seconds, <scores>}``; a *cell*
 over the draws. The **best baseline** of a cell is the non-NTK method with the lowest mean
 NLL there (for a baseline itself: the best *other* baseline).
 
-Targets (issue 19, stated before the runs):
+Targets (stated before any run):
 
 1. on ≥ 75 % of cells an NTK method has the best mean NLL, or is within one paired standard
    error of the best (``d̄ ≤ se`` for the best NTK method against the best method);
