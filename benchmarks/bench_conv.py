@@ -10,7 +10,8 @@ Everything in one process, timed round-robin (min of ``--repeats``, :mod:`_commo
    16 right-hand sides and the first call (building the caches); plain ``torch.func``
    vjp+jvp; the dense K (at ``--n-dense``) against ``torch.func`` Jacobian contraction
    (``vmap(jacrev)`` + ``einsum``). Once with every parameter (BatchNorm's affine
-   parameters go through the generic route) and once with the conv/linear weights only.
+   parameters factored as per-channel diagonal layers) and once with the conv/linear
+   weights only.
 2. **Dense-K route rule**: per conv layer, the patch Gram and the Jacobian contraction
    (:mod:`pyro_ntk._engines.structured.gram`) timed against each other at ``--n-dense``,
    beside the route the flop rule picks.
@@ -143,11 +144,13 @@ def measure(fns: dict, repeats: int, device: str) -> dict:
 
 
 # ---------------------------------------------------------------------------- timings
-def products_table(net, X, X_dense, params, repeats, device, dense: bool) -> tuple[str, dict]:
+def products_table(
+    net, X, X_dense, params, repeats, device, dense: bool, engines=ENGINES
+) -> tuple[str, dict]:
     """K·v, 16 RHS, first call, dense K per engine; ratios to forward+backward."""
     N = X.shape[0]
     O = net(X[:1]).numel()
-    lins = {e: Linearization(net, params, implementation=e) for e in ENGINES + ("auto",)}
+    lins = {e: Linearization(net, params, implementation=e) for e in (*engines, "auto")}
     picked = lins["auto"].implementation.value
     fns = {"forward+backward": forward_backward(net, X)}
     V1, V16 = torch.randn(N * O, 1, device=device), torch.randn(N * O, 16, device=device)
@@ -208,7 +211,7 @@ def route_table(net, X, repeats, device) -> str:
     rows = []
     for i, layer in enumerate(engine.plan.layers):
         A, B = fac.A[i], fac.B[i]
-        if layer.kind == "linear" or layer.weight is None:
+        if not layer.spatial_dims or layer.weight is None:  # convolutions only
             continue
         _, O, S, d_out = B.shape
         P_W = layer.d_out * layer.d_in
@@ -304,11 +307,24 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--engines",
+        default=",".join(ENGINES),
+        help="comma-separated engines to time (auto is always timed)",
+    )
+    parser.add_argument(
+        "--sections",
+        default="small,routes,resnet18,memory",
+        help="comma-separated parts to run: small (ResNet-style products), routes, "
+        "resnet18, memory",
+    )
     parser.add_argument("--write", action="store_true", help="replace RESULTS.md's section")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.n_dense, args.n18 = 128, 32, 8
+    engines = tuple(e for e in args.engines.split(",") if e)
+    sections = set(args.sections.split(","))
     torch.set_num_threads(args.threads)
     dev = args.device
     out = [
@@ -323,33 +339,22 @@ def main(argv=None) -> None:
     X = torch.randn(args.n, 3, 32, 32, device=dev)
     Xd = X[: args.n_dense]
     for label, params in (("every parameter", None), ("conv/linear only", factored_weights(net))):
-        table, fig = products_table(net, X, Xd, params, args.repeats, dev, dense=True)
+        if "small" not in sections:
+            break
+        table, fig = products_table(net, X, Xd, params, args.repeats, dev, True, engines)
         figures[f"resnet_small, {label}"] = fig
         out.append(
             f"### ResNet-style CNN (P={P}), {label}; auto picks {fig['auto picks']!r}\n\n{table}"
         )
         print(out[-1], flush=True)
-    out.append(f"### Dense-K routes per conv layer\n\n{route_table(net, Xd, args.repeats, dev)}")
-    print(out[-1], flush=True)
-
-    net18 = build("resnet18", dev)
-    P18 = sum(p.numel() for p in net18.parameters())
-    X18 = torch.randn(args.n18, 3, 32, 32, device=dev)
-    table, fig = products_table(net18, X18, None, None, max(1, args.repeats - 1), dev, dense=False)
-    lin = Linearization(net18, implementation="structured")
-    lin.ntk_mvm(X18, X18, torch.randn(args.n18 * 10, 1, device=dev))
-    held = lin.engine.cache.nbytes
-    jac = args.n18 * 10 * P18 * 4
-    note = (
-        f"Structured factors held: {held / 2**20:.0f} MiB; the N·O·P Jacobian would be "
-        f"{jac / 2**20:.0f} MiB."
-    )
-    figures["resnet18"] = fig
-    out.append(f"### ResNet-18 shape (P={P18}), N={args.n18}\n\n{table}\n\n{note}")
-    print(out[-1], flush=True)
-
-    if not args.skip_memory:
-        whats = ("forward+backward", "structured", "cached", "functorch", "torch.func vjp+jvp")
+    if "routes" in sections:
+        routes = route_table(net, Xd, args.repeats, dev)
+        out.append(f"### Dense-K routes per conv layer\n\n{routes}")
+        print(out[-1], flush=True)
+    if "resnet18" in sections:
+        resnet18_section(args, dev, engines, out, figures)
+    if "memory" in sections and not args.skip_memory:
+        whats = ("forward+backward", *engines, "torch.func vjp+jvp")
         for name, n in (("resnet_small", args.n), ("resnet18", args.n18)):
             table, res = memory_table(name, n, dev, whats)
             figures[f"memory {name}"] = res
@@ -361,6 +366,26 @@ def main(argv=None) -> None:
         args.json.write_text(json.dumps(figures, indent=1, default=str))
     if args.write:
         write_section("Convolutions", body)
+
+
+def resnet18_section(args, dev: str, engines: tuple, out: list, figures: dict) -> None:
+    """Products at ResNet-18 shape, and the size of the structured cache."""
+    net18 = build("resnet18", dev)
+    P18 = sum(p.numel() for p in net18.parameters())
+    X18 = torch.randn(args.n18, 3, 32, 32, device=dev)
+    reps = max(1, args.repeats - 1)
+    table, fig = products_table(net18, X18, None, None, reps, dev, False, engines)
+    lin = Linearization(net18, implementation="structured")
+    lin.ntk_mvm(X18, X18, torch.randn(args.n18 * 10, 1, device=dev))
+    held = lin.engine.cache.nbytes
+    jac = args.n18 * 10 * P18 * 4
+    note = (
+        f"Structured factors held: {held / 2**20:.0f} MiB; the N·O·P Jacobian would be "
+        f"{jac / 2**20:.0f} MiB."
+    )
+    figures["resnet18"] = fig
+    out.append(f"### ResNet-18 shape (P={P18}), N={args.n18}\n\n{table}\n\n{note}")
+    print(out[-1], flush=True)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,7 @@ TUTORIALS = [
     "layer_relevance",
     "linearization_quality",
     "distributed_regression",
+    "image_transfer",
 ]
 
 

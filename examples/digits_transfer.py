@@ -164,7 +164,7 @@ from pyro_ntk.adaptation import (  # noqa: E402
     tempered_laplace,
 )
 from pyro_ntk.datasets import k_shot_split  # noqa: E402
-from pyro_ntk.demo import classification_scores, make_network  # noqa: E402
+from pyro_ntk.demo import classification_scores, make_network, run_settings  # noqa: E402
 from pyro_ntk.plot import reliability_diagram  # noqa: E402
 
 DTYPE = torch.float64
@@ -316,12 +316,9 @@ def main(
             f"main: unknown size(s) {unknown}; expected fields of Sizes: {list(Sizes._fields)}"
         )
     run = (QUICK if quick else FULL)._replace(**sizes)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(NUM_THREADS)
-    try:
+    # the tensors carry their own dtype (DTYPE) and Pyro's settings stay as they are
+    with run_settings(NUM_THREADS, dtype=None, module_local_params=None):
         return _run(run, out_dir, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(run: Sizes, out_dir: str, progress: bool):

@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pyro_ntk.datasets import sample_sine_tasks
-from pyro_ntk.demo import make_network
+from pyro_ntk.demo import make_network, run_settings
 from pyro_ntk.distributed import (
     ShardedLinearization,
     ShardedNTKRegression,
@@ -91,12 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)  # restored on return
-    try:
+    # --threads for the run only; the tensors carry their own dtype (float64)
+    with run_settings(args.threads, dtype=None, module_local_params=None):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args: argparse.Namespace) -> dict:

@@ -22,7 +22,7 @@ own source initialization and adaptation points; the table gives mean ± sd over
 RMSE, NLL and the coverage of the 95 % interval. The figure,
 ``OUT_DIR/tabular_transfer.png`` (default ``outputs/``), shows for the first seed the
 predicted against the observed outcome of every test patient with 95 % intervals, one panel
-per method (:func:`pyro_ntk.plot.predicted_vs_observed`).
+per method (:func:`pyro_ntk.plot.predicted_vs_observed_grid`).
 
 The data, split and methods are those of ``python -m pyro_ntk demo --task diabetes``
 (imported from :mod:`pyro_ntk.demo`).
@@ -58,7 +58,7 @@ from pyro_ntk.demo import (  # noqa: E402
     run_settings,
     source_network,
 )
-from pyro_ntk.plot import predicted_vs_observed  # noqa: E402
+from pyro_ntk.plot import predicted_vs_observed_grid  # noqa: E402
 
 FULL = {"source_steps": 2000, "finetune_steps": 500}
 QUICK = {"source_steps": 500, "finetune_steps": 200}
@@ -139,22 +139,12 @@ def _run(steps: dict, out_dir: str, seeds: int, num_target: int, progress: bool)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "tabular_transfer.png")
     results, data = first
-    fig, axes = plt.subplots(2, 2, figsize=(8, 7.8), sharex=True, sharey=True)
-    for ax, m in zip(axes.flat, METHODS):
-        r = results[m]
-        predicted_vs_observed(data.y_test, r.mean, r.var, level=0.95, ax=ax,
-                              xlabel="observed outcome", ylabel="predicted mean")  # fmt: skip
-        ax.set_title(f"{m}: RMSE {r.rmse:.2f}\n{ax.get_title()}", fontsize=10)
-    axes[0, 0].legend(loc="upper left", fontsize=9)
-    for ax in axes[0]:
-        ax.set_xlabel("")
-    for ax in axes[:, 1]:
-        ax.set_ylabel("")
-    fig.suptitle(
-        f"Diabetes: adapted to older patients from {num_target} of them; "
-        f"{len(data.y_test)} test patients (seed 0, standardized units)", fontsize=10,
+    fig = predicted_vs_observed_grid(
+        data.y_test, {m: (results[m].mean, results[m].var) for m in METHODS}, level=0.95,
+        figsize=(8, 7.8), xlabel="observed outcome", ylabel="predicted mean",
+        title=f"Diabetes: adapted to older patients from {num_target} of them; "
+        f"{len(data.y_test)} test patients (seed 0, standardized units)",
     )  # fmt: skip
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     print(f"figure: {path}  ({time.perf_counter() - t0:.1f} s)")

@@ -176,8 +176,8 @@ class Linearization(ChunkedProducts):
         plan = make_plan(self.network, self.space)
         if not plan.layers:
             self.implementation_reason = (
-                f"auto: no Linear/Conv1d/Conv2d layer can be factored ({len(plan.generic)} parameter "
-                "tensors); generic closures cached per chunk"
+                "auto: no layer can be factored (Linear, Conv1d/2d, BatchNorm, Embedding; "
+                f"{len(plan.generic)} parameter tensors); generic closures cached per chunk"
             )
             return NTKImplementation.CACHED
         share = plan.structured_fraction(self.space)

@@ -93,6 +93,42 @@ def test_demo_diabetes_runs(tmp_path, capsys):
     assert "diabetes" in capsys.readouterr().out
 
 
+def test_run_settings_sets_and_restores_threads_dtype_and_pyro_settings():
+    import pyro
+
+    torch.set_num_threads(2)
+    torch.set_default_dtype(torch.float32)
+    try:
+        local = pyro.settings.get("module_local_params")
+        with run_settings(1, dtype=torch.float64, module_local_params=not local):
+            assert torch.get_num_threads() == 1 and torch.zeros(1).dtype == torch.float64
+            assert pyro.settings.get("module_local_params") is (not local)
+        assert (torch.get_num_threads(), torch.get_default_dtype()) == (2, torch.float32)
+        assert pyro.settings.get("module_local_params") is local
+        # restored when the block raises, too
+        with pytest.raises(KeyError, match="inside"):
+            with run_settings(1, dtype=torch.float64, module_local_params=not local):
+                raise KeyError("inside")
+        assert (torch.get_num_threads(), torch.get_default_dtype()) == (2, torch.float32)
+        assert pyro.settings.get("module_local_params") is local
+        # None leaves a setting as it is: a float32 script keeps float32
+        with run_settings(None, dtype=None, module_local_params=None):
+            assert (torch.get_num_threads(), torch.get_default_dtype()) == (2, torch.float32)
+        with pytest.raises(RuntimeError):
+            with run_settings(1, dtype=None):
+                assert torch.zeros(1).dtype == torch.float32 and torch.get_num_threads() == 1
+                raise RuntimeError
+        assert (torch.get_num_threads(), torch.get_default_dtype()) == (2, torch.float32)
+        for bad, name in ((0, "num_threads"), (torch.int64, "dtype"), ("float64", "dtype")):
+            kwargs = {"dtype": bad} if name == "dtype" else {"num_threads": bad}
+            with pytest.raises(ValueError, match=f"run_settings: {name} must be"):
+                with run_settings(**kwargs):
+                    pass  # pragma: no cover
+        assert (torch.get_num_threads(), torch.get_default_dtype()) == (2, torch.float32)
+    finally:
+        torch.set_default_dtype(torch.float64)
+
+
 def test_adaptation_never_modifies_the_source_network(tmp_path):
     cfg = tiny(tmp_path, cache_dir="")
     data = sine_data(cfg)

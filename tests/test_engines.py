@@ -184,15 +184,22 @@ def test_auto_follows_the_measured_rule_and_says_why():
     lin = Linearization(mlp)
     assert lin.implementation.value == "structured" and lin.requested.value == "auto"
     assert "100%" in lin.implementation_reason and "engine zoo" in lin.implementation_reason
-    # nothing to factor (the Linear head is not linearized): the cached closures
+    # an Embedding is factored (gather / scatter): structured
     embedding_heavy = nn.Sequential(nn.Embedding(500, 8), nn.Flatten(), nn.Linear(16, 1))
     lin = Linearization(embedding_heavy, params=["0.weight"])
-    assert lin.implementation.value == "cached"
-    assert "no Linear/Conv1d/Conv2d layer can be factored" in lin.implementation_reason
+    assert lin.implementation.value == "structured"
     X = torch.randint(0, 500, (5, 2))
     J = reference_jacobian(embedding_heavy, X, params=["0.weight"]).reshape(5, -1)
     V = torch.randn(5, 2)
     assert rel_err(lin.ntk_mvm(X, X, V), J @ (J.T @ V)) <= 1e-8
+    # nothing to factor (only a LayerNorm is linearized): the cached closures
+    norm_only = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 1))
+    lin = Linearization(norm_only, params=["1.weight", "1.bias"])
+    assert lin.implementation.value == "cached"
+    assert "no layer can be factored" in lin.implementation_reason
+    Xn = torch.randn(5, 3)
+    J = reference_jacobian(norm_only, Xn, params=["1.weight", "1.bias"]).reshape(5, -1)
+    assert rel_err(lin.ntk_mvm(Xn, Xn, V), J @ (J.T @ V)) <= 1e-8
     assert Linearization(mlp, implementation="cached").implementation_reason == "requested 'cached'"
 
 

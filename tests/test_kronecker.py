@@ -1,4 +1,4 @@
-"""Kronecker (EKFAC) candidate directions of the Fisher preconditioner, against dense float64 K."""
+"""Kronecker (EKFAC / KFC) candidate directions of the Fisher preconditioner, against dense float64 K."""
 
 import pytest
 import torch
@@ -7,6 +7,7 @@ from torch import nn
 
 from pyro_ntk import Linearization
 from pyro_ntk.preconditioners import FisherPreconditioner
+from pyro_ntk.preconditioners import kronecker as kron
 from pyro_ntk.preconditioners.kronecker import kronecker_columns, top_eigenpairs
 from pyro_ntk.solvers import conjugate_gradient
 from pyro_ntk.testing import reference_ntk
@@ -42,7 +43,7 @@ def test_every_kronecker_direction_together_reproduce_k(chunk_size):
     kc = kronecker_columns(lin, X, scale.sqrt(), pool=10 * P)
     assert kc.columns.shape == (40, P) and bool(kc.covered.all())
     torch.testing.assert_close(kc.columns @ kc.columns.T, K)
-    assert kc.products == pytest.approx(0.5 * (1 + 2))
+    assert kc.products == pytest.approx(0.5 * (1 + 2)) and kc.positions == 1
     # a smaller pool keeps the directions with the largest Rayleigh quotients ‖J q‖²
     norms = kc.columns.square().sum(0).sort(descending=True).values
     part = kronecker_columns(lin, X, scale.sqrt(), pool=12)
@@ -90,6 +91,7 @@ def test_engines_without_factors_give_no_columns():
     net = _mlp()
     X = torch.randn(10, 3)
     assert kronecker_columns(Linearization(net, implementation="functorch"), X, None, 5) is None
+    # a convolution whose per-example gradients the engine keeps instead of factors
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 1))
     lin = _structured(conv)
     kc = kronecker_columns(lin, torch.randn(6, 1, 6, 6), None, pool=1000)
@@ -106,6 +108,13 @@ def test_top_eigenpairs_is_the_rayleigh_ritz_of_c_ct():
     torch.testing.assert_close(U.T @ U, torch.eye(5))
     torch.testing.assert_close((U * d) @ U.T, (V[:, -5:] * ev[-5:]) @ V[:, -5:].T)
     assert top_eigenpairs(C, 50)[0].shape == (30, 12)
+    # more columns than rows: the top of C Cᵀ directly
+    W = torch.randn(10, 40) * torch.logspace(0, -3, 40)
+    U, d = top_eigenpairs(W, 4)
+    ev, V = torch.linalg.eigh(W @ W.T)
+    torch.testing.assert_close(d, ev.flip(0)[:4], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(U.T @ U, torch.eye(4))
+    torch.testing.assert_close((U * d) @ U.T, (V[:, -4:] * ev[-4:]) @ V[:, -4:].T)
 
 
 def test_default_fisher_preconditioner_uses_kronecker_directions():
@@ -150,3 +159,145 @@ def test_kronecker_preconditioner_on_cuda_matches_cpu():
     torch.testing.assert_close(out["cuda"][0], out["cpu"][0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(out["cuda"][1], out["cpu"][1], rtol=1e-8, atol=1e-10)
     assert abs(out["cuda"][2] - out["cpu"][2]) <= 2
+
+
+# ---------------------------------------------------------------- convolutions (KFC)
+
+
+def _cnn(groups=1, seed=0):
+    # Conv2d (stride 2, padding 1) → Conv1d over the flattened positions → Linear head, O = 3;
+    # sized so that the engine keeps the factors A, B of both convolutions (O·P_W > S·(d_in + O·d_out))
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=groups),
+        nn.Tanh(),
+        nn.Flatten(2),
+        nn.Conv1d(8, 6, 3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(6 * 9, 3),
+    )
+
+
+def _dense_jacobian(net, X):
+    """``(N·O, P)`` by torch.func.jacrev, parameters in ``named_parameters()`` order."""
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    J = torch.func.jacrev(lambda p: torch.func.functional_call(net, p, (X,)))(params)
+    return torch.cat([J[k].reshape(X.shape[0] * 3, -1) for k in params], 1)
+
+
+def _kinds(lin, X):
+    return [(f.name, f.kind, f.A[0].shape[1]) for f in lin.layer_factors(X)]
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7])
+@pytest.mark.parametrize("pool", [5, 160, 10_000])
+def test_conv_columns_are_the_jacobian_of_orthonormal_kronecker_directions(chunk_size, pool):
+    # pool 5: scores r (spatially uncorrelated) then exact re-ranking of 20 candidates;
+    # 160: every layer scored exactly (≤ 4·pool pairs each); 10 000: all directions
+    net = _cnn()
+    before = snapshot(net)
+    X = torch.randn(20, 4, 6, 6)
+    lin = _structured(net, chunk_size=chunk_size)
+    assert _kinds(lin, X) == [("0", "conv2d", 9), ("3", "conv1d", 9), ("6", "linear", 1)]
+    variance = torch.tensor([0.5, 2.0, 1.3])
+    scale = lin.space.expand_group_values(variance)
+    Jd = _dense_jacobian(net, X)
+    K = (Jd * scale) @ Jd.T
+    torch.testing.assert_close(K, reference_ntk(net, X, scale=scale))
+    kc = kronecker_columns(lin, X, scale.sqrt(), pool=pool)
+    P = lin.num_params  # 8·37 + 6·25 + 3·55 = 611
+    assert kc.columns.shape == (60, min(pool, P)) and bool(kc.covered.all())
+    Q = kc.directions()
+    torch.testing.assert_close(Q.T @ Q, torch.eye(Q.shape[1]), rtol=0, atol=1e-12)
+    err = (Jd @ (scale.sqrt().unsqueeze(-1) * Q) - kc.columns).abs().max()
+    assert float(err) <= 1e-8 * float(kc.columns.abs().max())
+    assert _psd_remainder(K, kc.columns) > -1e-8
+    if pool >= P:  # the complete eigenbases reproduce K
+        torch.testing.assert_close(kc.columns @ kc.columns.T, K)
+    assert kc.products == pytest.approx(0.5 * (1 + 3)) and kc.positions == 9
+    assert_unchanged(net, before)
+
+
+def test_conv_selection_keeps_the_largest_rayleigh_quotients():
+    net = _cnn(seed=1)
+    X = torch.randn(25, 4, 6, 6)
+    lin = _structured(net)
+    norms = kronecker_columns(lin, X, None, pool=10_000).columns.square().sum(0)
+    best = norms.sort(descending=True).values
+    # 4·160 covers each layer's pairs: exact scores everywhere, the exact top 160
+    part = kronecker_columns(lin, X, None, pool=160).columns.square().sum(0)
+    torch.testing.assert_close(part.sort(descending=True).values, best[:160])
+    # a small pool re-ranks candidates by their exact quotients: every kept column is
+    # among the directions, sorted by exact norm, and close to the exact top in total
+    small = kronecker_columns(lin, X, None, pool=8).columns.square().sum(0)
+    assert all(bool(torch.isclose(norms, v).any()) for v in small)
+    assert float(small.sum()) >= 0.9 * float(best[:8].sum())
+    assert float(small.sum()) <= float(best[:8].sum()) * (1 + 1e-12)
+
+
+def test_spatially_uncorrelated_score_is_exact_at_one_position(monkeypatch):
+    # with every pair beyond the candidate budget, the Linear layers still get exact scores
+    net = _mlp()
+    X = torch.randn(20, 3)
+    lin = _structured(net)
+    monkeypatch.setattr(kron, "CANDIDATES", 1)
+    norms = kronecker_columns(lin, X, None, pool=1000).columns.square().sum(0)
+    part = kronecker_columns(lin, X, None, pool=7).columns.square().sum(0)
+    torch.testing.assert_close(
+        part.sort(descending=True).values, norms.sort(descending=True).values[:7]
+    )
+
+
+def test_grouped_convolutions_are_not_covered():
+    net = _cnn(groups=2)
+    X = torch.randn(12, 4, 6, 6)
+    lin = _structured(net)
+    assert [k for _, k, _ in _kinds(lin, X)] == ["conv1d", "linear"]
+    kc = kronecker_columns(lin, X, None, pool=10_000)
+    names = dict(zip(lin.space.names, torch.split(kc.covered, lin.space.numels)))
+    assert not bool(names["0.weight"].any()) and not bool(names["0.bias"].any())
+    assert all(bool(names[n].all()) for n in ["3.weight", "3.bias", "6.weight", "6.bias"])
+    Jd = _dense_jacobian(net, X)
+    Q = kc.directions()
+    assert not bool(Q[~kc.covered].any())
+    torch.testing.assert_close(Jd @ Q, kc.columns, rtol=0, atol=1e-10)
+    assert _psd_remainder(Jd @ Jd.T, kc.columns) > -1e-8
+
+
+def _linear_only(lin, monkeypatch):
+    """The Kronecker directions of Linear layers at one position only (convolutions left out)."""
+    factors = lin.layer_factors
+
+    def linear(X):
+        return [f for f in factors(X) if f.kind == "linear" and f.A[0].shape[1] == 1]
+
+    monkeypatch.setattr(lin, "layer_factors", linear)
+
+
+def test_default_fisher_preconditioner_covers_a_cnn(monkeypatch):
+    torch.manual_seed(3)
+    net = _cnn(seed=2)
+    X = torch.randn(60, 4, 6, 6)
+    b = torch.randn(180, 1)
+    lin = _structured(net)
+    K = lin.ntk_dense(X)
+    s2 = 1e-2 * float(K.diagonal().mean())
+    A = K + s2 * torch.eye(180)
+    pre = FisherPreconditioner(lin, X, rank=50).build()
+    # every parameter covered by Kronecker directions: no range-finder products at all
+    assert pre.kronecker and pre.products == pytest.approx(0.5 * (1 + 3))
+    eig, _ = pre.eigenform()
+    assert _psd_remainder(K, eig.U * eig.d.sqrt()) > -1e-8
+    _, new = conjugate_gradient(
+        A, b, preconditioner=pre.solve_closure(1.0, s2), tol=1e-8, check_every=1
+    )
+    _linear_only(lin, monkeypatch)
+    old = FisherPreconditioner(lin, X, rank=50).build()
+    assert old.products > 10  # the convolutions went through the range finder
+    _, before = conjugate_gradient(
+        A, b, preconditioner=old.solve_closure(1.0, s2), tol=1e-8, check_every=1
+    )
+    _, plain = conjugate_gradient(A, b, tol=1e-8, check_every=1)
+    assert new.converged and before.converged
+    assert new.iterations <= before.iterations < plain.iterations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 from statistics import NormalDist
 
@@ -115,6 +116,45 @@ def test_predicted_vs_observed_diagonal_spans_data_and_intervals():
     assert slope == 1.0 and px == py
 
 
+def test_predicted_vs_observed_grid_one_panel_per_method_shared_axes_outer_labels():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(30, generator=g, dtype=torch.float64)
+    predictions = {
+        "GP": (y + 0.1 * torch.randn(30, generator=g, dtype=torch.float64), y * 0 + 0.02),
+        "net": (y + 0.5 * torch.randn(30, generator=g, dtype=torch.float64), y * 0 + 0.01),
+        "prior": (y * 0 + 3.0, y * 0 + 4.0),  # the widest: sets the shared limits
+    }
+    fig = plot.predicted_vs_observed_grid(y, predictions, level=0.9, xlabel="obs", title="T")
+    assert len(fig.axes) == 3 and fig.get_suptitle() == "T"
+    z = NormalDist().inv_cdf(0.95)
+    lo = min(float(y.min()), *(float((m - z * v.sqrt()).min()) for m, v in predictions.values()))
+    hi = max(float(y.max()), *(float((m + z * v.sqrt()).max()) for m, v in predictions.values()))
+    for ax, (name, (mean, var)) in zip(fig.axes, predictions.items()):
+        # the same limits everywhere, spanning every method's data and intervals
+        assert ax.get_xlim() == fig.axes[0].get_xlim() and ax.get_ylim() == fig.axes[0].get_ylim()
+        assert ax.get_xlim()[0] <= lo and ax.get_xlim()[1] >= hi
+        assert ax.get_ylim()[0] <= lo and ax.get_ylim()[1] >= hi
+        rmse = float((mean - y).square().mean().sqrt())
+        cover = float(((y - mean).abs() <= z * var.sqrt()).double().mean())
+        assert ax.get_title() == f"{name}: RMSE {rmse:.2f}\n90% intervals cover {cover:.2f} of 30"
+        (bars,) = [c for c in ax.collections if c.get_segments()]
+        segs = np.array(bars.get_segments())
+        np.testing.assert_allclose(segs[:, 1, 1], (mean + z * var.sqrt()).numpy(), rtol=1e-12)
+    # 2 columns: "GP" "net" / "prior"; labels and tick labels on the outer panels only
+    assert [ax.get_xlabel() for ax in fig.axes] == ["", "obs", "obs"]
+    assert [ax.get_ylabel() for ax in fig.axes] == ["predicted mean", "", "predicted mean"]
+    ticks = [ax.xaxis.get_tick_params()["labelbottom"] for ax in fig.axes]
+    assert ticks == [False, True, True]
+    yticks = [ax.yaxis.get_tick_params()["labelleft"] for ax in fig.axes]
+    assert yticks == [True, False, True]
+    _labelled(fig.axes[2])
+    assert [ax.get_legend() is not None for ax in fig.axes] == [True, False, False]
+    # one column: one panel per row, x labels on the last only
+    fig = plot.predicted_vs_observed_grid(y, predictions, columns=1)
+    assert [ax.get_xlabel() for ax in fig.axes] == ["", "", "observed"]
+    assert all(ax.get_ylabel() == "predicted mean" for ax in fig.axes)
+
+
 def test_reliability_bins_by_hand_and_ece_formula():
     probs = torch.tensor(
         [[0.95, 0.05], [0.85, 0.15], [0.3, 0.7], [0.45, 0.55], [0.2, 0.8], [0.62, 0.38]],
@@ -181,6 +221,40 @@ def test_layer_variances_and_cg_convergence():
         (lambda: plot.predictive_bands([0, 1], [0, 1], [1, 1], x_train=[0]), "y_train"),
         (lambda: plot.predicted_vs_observed([0, 1], [0, 1, 2], [1, 1, 1]), "y has 2"),
         (lambda: plot.predicted_vs_observed([0, 1], [0, 1], [1, -0.5]), "var"),
+        (
+            lambda: plot.predicted_vs_observed_grid([0, 1], {"a": ([0, 1, 2], [1, 1, 1])}),
+            "predicted_vs_observed_grid: the arguments must have one length; y has 2, "
+            "predictions['a'] mean has 3",
+        ),
+        (
+            lambda: plot.predicted_vs_observed_grid([0, 1], {"a": ([0, 1], [1, -1])}),
+            "predicted_vs_observed_grid: predictions['a'] var must be >= 0",
+        ),
+        (
+            lambda: plot.predicted_vs_observed_grid([0, 1], {"a": ([0, 1], [1, float("inf")])}),
+            "predictions['a'] var has non-finite",
+        ),
+        (lambda: plot.predicted_vs_observed_grid([0, 1], {}), "predictions must be a non-empty"),
+        (
+            lambda: plot.predicted_vs_observed_grid([0, 1], [([0, 1], [1, 1])]),
+            "predictions must be a non-empty mapping of method name → (mean, var), got list",
+        ),
+        (
+            lambda: plot.predicted_vs_observed_grid([0, 1], {"a": ([0, 1],)}),
+            "predictions['a'] must be a pair (mean, var), got tuple of length 1",
+        ),
+        (
+            lambda: plot.predicted_vs_observed_grid([0, 1], {"a": ([0, 1], [1, 1])}, columns=0),
+            "columns must be an integer >= 1, got 0",
+        ),
+        (
+            lambda: plot.predicted_vs_observed_grid([0, 1], {"a": ([0, 1], [1, 1])}, level=1.0),
+            "predicted_vs_observed_grid: level",
+        ),
+        (
+            lambda: plot.predicted_vs_observed_grid([[0, 1], [2, 3]], {"a": ([0, 1], [1, 1])}),
+            "predicted_vs_observed_grid: y must have 1 dimension",
+        ),
         (lambda: plot.reliability_diagram([[1.2, -0.2]], [0]), "probs must lie in [0, 1]"),
         (lambda: plot.reliability_diagram([[0.5, 0.5]], [0, 1]), "labels has 2"),
         (lambda: plot.reliability_diagram([0.5, 0.5], [0]), "probs must have 2"),
@@ -195,7 +269,7 @@ def test_layer_variances_and_cg_convergence():
     ],
 )
 def test_bad_inputs_name_the_argument(call, name):
-    with pytest.raises(ValueError, match=name.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(ValueError, match=re.escape(name)):
         call()
 
 

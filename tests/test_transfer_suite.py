@@ -95,7 +95,20 @@ def test_win_tie_loss_and_targets_by_hand():
     }
     _, summary = report.targets(rows)
     assert summary["nll_cells_met"] == 1 and summary["nll_cells"] == 2
+    assert summary["nll_cells_met_without_recipes"] == 1
     assert "results" not in report.results_table(rows)  # renders without error
+    # a recipe row that wins the 50-label cell counts for target 1, but not without recipes
+    rows += [dict(rows[0], size=50, draw=d, method="ntk_gp_floor", nll=0.5) for d in range(3)]
+    _, summary = report.targets(rows)
+    assert summary["nll_cells_met"] == 2 and summary["nll_cells_met_without_recipes"] == 1
+    # the docs table: one row per cell, bold on the lowest mean NLL, "–" where a method is absent
+    table = report.rst_tables(rows, "regression", "coverage").splitlines()
+    assert table[3:8] == ["   * - cell", "     - NTK-GP σ²", "     - fine-tune",
+                          "     - last layer", "     - NTK-GP σ², floor"]  # fmt: skip
+    # (at 10, ntk_gp and last_layer tie on 1.033: the first in row order is bold)
+    assert table[8:13] == ["   * - t @ 10", "     - **1.033** / 0.90", "     - 2.100 / 0.90",
+                           "     - 1.033 / 0.90", "     - –"]  # fmt: skip
+    assert table[-1] == "     - **0.500** / 0.90"
 
 
 def test_draws_are_fixed_and_disjoint():

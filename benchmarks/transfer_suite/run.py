@@ -31,6 +31,7 @@ import pyro  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from pyro_ntk.demo.config import run_settings  # noqa: E402
 from transfer_suite import baselines, laplace_torch, ntk, report, scores  # noqa: E402
 from transfer_suite.source import source_network  # noqa: E402
 from transfer_suite.tasks import TASKS, load_task, make_draw  # noqa: E402
@@ -38,7 +39,7 @@ from transfer_suite.tasks import TASKS, load_task, make_draw  # noqa: E402
 ALL = {**baselines.METHODS, **laplace_torch.METHODS, **ntk.METHODS}
 BY_KIND = {
     "regression": ["source", "fine_tune", "last_layer", "ablr", "rbf_gp", "la_last_layer",
-                   "la_kfac", "ensemble", "ntk_gp", "ntk_gp_layers"],
+                   "la_kfac", "ensemble", "ntk_gp", "ntk_gp_floor", "ntk_gp_layers"],
     "classification": ["source", "fine_tune", "last_layer", "la_last_layer", "la_kfac",
                        "ensemble", "lin_laplace", "lin_laplace_t"],
     "count": ["source", "fine_tune", "last_layer", "ensemble", "lin_laplace", "lin_svi"],
@@ -134,10 +135,9 @@ def main(argv=None) -> dict:
         methods = [m for m in methods if m not in laplace_torch.METHODS]
         print("note: laplace-torch is not installed: its rows are skipped (install it as "
               "benchmarks/requirements-bench.txt says, with --no-deps)")  # fmt: skip
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)
     t0 = time.perf_counter()
-    rows = run(tasks, methods, draws, progress=not args.no_progress)
+    with run_settings(1, dtype=torch.float64, module_local_params=None):
+        rows = run(tasks, methods, draws, progress=not args.no_progress)
     total = time.perf_counter() - t0
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import torch
 
 from pyro_ntk.demo.classification import ECE_BINS
 from pyro_ntk.demo.config import ClassificationResult, Data, Result
-from pyro_ntk.plot import predicted_vs_observed, predictive_bands, reliability_diagram
+from pyro_ntk.plot import predicted_vs_observed_grid, predictive_bands, reliability_diagram
 
 
 def format_table(results: list[Result] | list[ClassificationResult]) -> str:
@@ -69,8 +69,8 @@ def plot_bands(data: Data, net, methods: dict, results: list[Result], path: Path
 
     1-D tasks: :func:`pyro_ntk.plot.predictive_bands` over a grid, with the target function,
     the source network and the target points. Tables:
-    :func:`pyro_ntk.plot.predicted_vs_observed` on the test points (predicted mean and 95 %
-    interval against the observed value).
+    :func:`pyro_ntk.plot.predicted_vs_observed_grid` on the test points (predicted mean and
+    95 % interval against the observed value).
 
     Args:
         data: the transfer problem.
@@ -107,18 +107,10 @@ def plot_bands(data: Data, net, methods: dict, results: list[Result], path: Path
         for ax in axes[:, 1]:
             ax.set_ylabel("")
     else:
-        fig, axes = plt.subplots(2, 2, figsize=(9, 8.5), sharex=True, sharey=True)
-        for ax, r in zip(axes.flat, shown):
-            predicted_vs_observed(
-                data.y_test, r.mean, r.var, level=0.95, ax=ax,
-                xlabel="observed outcome (standardized)", ylabel="predicted mean",
-            )  # fmt: skip
-            ax.set_title(f"{r.method}: RMSE {r.rmse:.2f}\n{ax.get_title()}", fontsize=10)
-        axes[0, 0].legend(loc="upper left", fontsize=9)
-        for ax in axes[0]:
-            ax.set_xlabel("")
-        for ax in axes[:, 1]:
-            ax.set_ylabel("")
+        fig = predicted_vs_observed_grid(
+            data.y_test, {r.method: (r.mean, r.var) for r in shown}, level=0.95,
+            figsize=(9, 8.5), xlabel="observed outcome (standardized)", ylabel="predicted mean",
+        )  # fmt: skip
     fig.suptitle(f"pyro_ntk demo ({data.name}): predictive bands on the target task")
     return _save(fig, plt, path)
 
@@ -130,8 +122,9 @@ def plot_reliability(
 
     :func:`pyro_ntk.plot.reliability_diagram`: blue bars give the accuracy of the test
     predictions in each equal-width confidence bin, red ticks their mean confidence, narrow
-    grey bars (right axis) how many predictions fall in each bin (legend on the first panel); the diagonal is perfect calibration,
-    bars below it are over-confident and bars above it under-confident.
+    grey bars (right axis) how many predictions fall in each bin (legend on the first
+    panel); the diagonal is perfect calibration, bars below it are over-confident and bars
+    above it under-confident.
 
     Args:
         data: the transfer problem (its test labels).

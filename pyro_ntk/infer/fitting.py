@@ -30,6 +30,7 @@ from pyro_ntk.infer.gp_models import (
     fixed_inducing_points,
     set_initial_variance,
     warn_fixed_inducing_points,
+    warn_noise_on_floor,
 )
 from pyro_ntk.infer.isolation import isolate, pyro_modules, register
 from pyro_ntk.infer.loops import LoopOutcome, run_adam, run_lbfgs
@@ -211,6 +212,8 @@ def fit(
     register(pyro_modules(model, guide))
     hyperparameters = objective.hyperparameters()
     _warn(outcome, name, hyperparameters, rule.max_steps)
+    if isinstance(model, GPModel):
+        warn_noise_on_floor(model, name)
     return FitResult(outcome.losses, len(outcome.losses), outcome.converged, outcome.reason,
                      hyperparameters, time.perf_counter() - start, method)  # fmt: skip
 

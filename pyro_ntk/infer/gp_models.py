@@ -12,6 +12,13 @@ variance of ``f`` then matches the residuals' mean square. The kernel is then ma
 of Pyro's ``GPRegression`` is *not* changed: its default (1) cannot be told apart from a
 value the user chose. Cost: one kernel diagonal, ``O(N·P)``.
 
+**Noise on its floor.** An :class:`~pyro_ntk.NTKGPRegression` whose noise was left to
+the data has the default lower bound ``s² > 1e-4 × var(y)``. When the fit ends with
+``s² < 1.1 ×`` that bound, the marginal likelihood kept falling as ``s² → 0``: the targets
+are explained without noise, which few points cannot tell from noisy targets.
+:func:`warn_noise_on_floor` then warns with the figures and the remedy (a ``noise_floor``
+at the noise level expected). A floor the user gave is their choice: no warning.
+
 **Inducing points.** The NTK is a function of the trained weights and does not differentiate
 through its inputs, so a ``SparseGPRegression`` or ``VariationalSparseGP`` with an NTK kernel
 cannot move its inducing points ``Xu``. ``fit`` warns once per model and leaves ``Xu`` out of
@@ -42,7 +49,15 @@ from torch import Tensor
 from pyro_ntk.gp import initial_hyperparameters
 from pyro_ntk.kernels import EmpiricalNTK
 
-__all__ = ["fixed_inducing_points", "set_initial_variance", "warn_fixed_inducing_points"]
+__all__ = [
+    "fixed_inducing_points",
+    "set_initial_variance",
+    "warn_fixed_inducing_points",
+    "warn_noise_on_floor",
+]
+
+#: s² within this factor of the default floor counts as "on the floor".
+FLOOR_FACTOR = 1.1
 
 _WARNED: weakref.WeakSet = weakref.WeakSet()
 
@@ -102,3 +117,29 @@ def set_initial_variance(model: GPModel) -> float | None:
     kernel.variance = PyroParam(torch.full_like(variance, sigma2), constraint, event_dim)
     kernel.variance_given = True
     return sigma2
+
+
+def warn_noise_on_floor(model: GPModel, name: str) -> float | None:
+    """Warn when a fitted noise ended on its default floor (module docstring).
+
+    Returns:
+        The fitted s² when it warned, else ``None``.
+    """
+    if not getattr(model, "noise_floor_by_default", False):
+        return None
+    floor = float(model.noise_floor)
+    noise = float(model.noise.detach().max())
+    if noise >= FLOOR_FACTOR * floor:
+        return None
+    N = model.X.shape[0]
+    warnings.warn(
+        f"fit: {name}'s fitted noise s² = {noise:.3g} ended on its default floor "
+        f"{floor:.3g} (1e-4 × var(y)) with N = {N} targets: the marginal likelihood explains "
+        "them without noise, which few points cannot tell from noisy targets, and on noisy "
+        "targets the predictive variances are then too small. If the targets are noisy, give "
+        "NTKGPRegression the noise level you expect as noise_floor (e.g. 1e-2 × var(y)); "
+        "if they are noise-free, give noise_floor explicitly to silence this warning.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return noise

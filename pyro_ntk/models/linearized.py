@@ -74,6 +74,13 @@ class LinearizedModel(PyroModule):
     PyroParam(torch.tensor(1.0), constraints.positive)`` or ``PyroSample(dist.LogNormal(0,
     1))`` (shape ``(G,)`` with ``layer_variances=True``).
 
+    **SVI or Laplace.** For a non-Gaussian likelihood on a few hundred points or fewer, the
+    :class:`~pyro_ntk.LinearizedLaplace` of the same model is cheaper and was better on the
+    transfer benchmark's count task (``docs/transfer_benchmark.rst``: a mean-field
+    ``AutoNormal`` after 300 Adam steps was unconverged and too wide at 50 labels, NLL 2.94
+    against the Laplace's 1.96); use SVI for what the Laplace cannot do (hierarchical or
+    latent-variable models around the network, minibatches, guides with structure).
+
     Args:
         network: the trained ``nn.Module`` (never mutated, never trained), or a
             :class:`~pyro_ntk.Linearization` to share its θ* copy.

@@ -85,7 +85,10 @@ class NTKGPRegression(GPModel):
             ``mean(r²) / mean(diag K)`` with ``K`` the NTK at σ² = 1 (the prior variance of
             ``f`` then matches the residuals' mean square), the same value for every layer
             with ``layer_variances`` (so the kernel starts as with one σ²), 1 without ``y``.
-        layer_variances: one σ_g² per parameter group (layer) of the linearization.
+        layer_variances: one σ_g² per parameter group (layer) of the linearization. With
+            few targets (≲ 50) one σ² is the safer choice: the evidence tends to put the
+            variance on one layer and overfit (transfer benchmark, ``computers`` @ 10: test
+            NLL 1.85 against 0.996 for one σ²; ``docs/transfer_benchmark.rst``).
         mean: ``"network"``, ``"zero"`` or a callable ``X -> (N,)`` / ``(N, O)``.
         options: the solver choices, a :class:`~pyro_ntk.options.SolverOptions` (``solver``
             ``"auto"`` / ``"cholesky"`` / ``"cg"``, ``preconditioner``, ``max_cholesky_size``,
@@ -103,6 +106,10 @@ class NTKGPRegression(GPModel):
             marginal likelihood keeps falling as s² → 0 and the predictive becomes
             overconfident: on the demo's sine task (10 points) the test NLL is 4.61 at the
             unbounded optimum s² = 1e-9 and 0.435 at the floor (``docs/numerics.rst``).
+            When :func:`pyro_ntk.fit` ends with s² on this default floor it warns: the data
+            then cannot tell noise from signal, and on noisy targets the predictive is
+            overconfident (the transfer suite's 10-label cells: ``docs/transfer_benchmark.rst``);
+            give the noise level you expect as ``noise_floor`` (e.g. ``1e-2 × var(y)``).
 
     Example:
         >>> net = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
@@ -164,6 +171,7 @@ class NTKGPRegression(GPModel):
             where, variance, self.layer_variances, positive=True
         )
         self.noise_floor = self._noise_floor(where, noise_floor, y if given_noise is None else None)
+        self.noise_floor_by_default = noise_floor is None and self.noise_floor > 0
         if self.noise_floor > 0 and not bool((noise.detach() > self.noise_floor).all()):
             raise ValueError(
                 f"{where}: noise {noise.detach().cpu().tolist()} is not above noise_floor "

@@ -1,14 +1,29 @@
 r"""Predictive bands: a Gaussian predictive ``N(mean, var)`` against inputs or observations.
 
-For a level :math:`\ell` the central interval is :math:`\mu \pm z\,\sigma` with
-:math:`z = \Phi^{-1}\big(\tfrac{1+\ell}{2}\big)` (1.96 at 95 %). Cost: O(n log n) (a sort).
+One predictive over a 1-D input (:func:`predictive_bands`), one against the observations of
+a table (:func:`predicted_vs_observed`), or several methods' side by side on shared axes
+(:func:`predicted_vs_observed_grid`). For a level :math:`\ell` the central interval is
+:math:`\mu \pm z\,\sigma` with :math:`z = \Phi^{-1}\big(\tfrac{1+\ell}{2}\big)` (1.96 at
+95 %). Cost: O(n log n) (a sort).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import numpy as np
 
-from pyro_ntk.plot._common import FONT, array, axes, percent, quantile, same_length, variance
+from pyro_ntk.plot._common import (
+    FONT,
+    array,
+    axes,
+    percent,
+    pyplot,
+    quantile,
+    same_length,
+    variance,
+)
 
 
 def predictive_bands(
@@ -166,3 +181,114 @@ def predicted_vs_observed(
     ax.set_ylabel(ylabel, fontsize=FONT)
     ax.tick_params(labelsize=FONT - 1)
     return ax
+
+
+def predicted_vs_observed_grid(
+    y,
+    predictions,
+    *,
+    level: float = 0.95,
+    columns: int = 2,
+    figsize: tuple[float, float] | None = None,
+    xlabel: str = "observed",
+    ylabel: str = "predicted mean",
+    title: str | None = None,
+):
+    r"""One :func:`predicted_vs_observed` panel per method, on shared axes: for tables.
+
+    A grid of ``columns`` columns (and as many rows as needed), one panel per entry of
+    ``predictions``, in its order, all with the same limits, so that the methods' errors and
+    intervals compare at a glance. Each panel's title is
+    ``"<name>: RMSE <r>\n<level> intervals cover <c> of <n>"``, with
+    :math:`r = \sqrt{\tfrac1n\sum_i (y_i - \mu_i)^2}` and ``c`` as in
+    :func:`predicted_vs_observed`. Axis labels and tick labels are kept on the outer panels
+    only (the x label under the lowest panel of each column, the y label left of the first
+    column); the legend is drawn in the first panel. Panels the last row leaves empty are
+    removed.
+
+    Args:
+        y: observed values ``(n,)``, shared by all methods.
+        predictions: method name → ``(mean, var)``, the predictive means and variances of
+            an observation ``(n,)`` each (var >= 0); at least one method.
+        level: the intervals' probability, in (0, 1).
+        columns: the number of columns, >= 1 (fewer when there are fewer methods).
+        figsize: the figure's size in inches (``None``: 4.2 × 3.9 per panel).
+        xlabel: the x-axis label.
+        ylabel: the y-axis label.
+        title: an optional title above the grid (``Figure.suptitle``).
+
+    Returns:
+        The matplotlib Figure; ``fig.axes`` holds one Axes per method, in the order of
+        ``predictions``.
+
+    Raises:
+        ValueError: ``predictions`` empty or not a mapping of ``(mean, var)`` pairs,
+            shapes that differ, non-finite entries, a negative variance, a level outside
+            (0, 1), or ``columns < 1``; the message names the argument (and the method).
+
+    Cost: O(M·n) for ``M`` methods, plus matplotlib's drawing.
+
+    Example:
+        >>> y = torch.randn(40)
+        >>> fig = predicted_vs_observed_grid(y, {
+        ...     "GP": (y + 0.1 * torch.randn(40), torch.full((40,), 0.02)),
+        ...     "net": (y + 0.3 * torch.randn(40), torch.full((40,), 0.01)),
+        ...     "prior": (torch.zeros(40), torch.ones(40)),
+        ... })
+        >>> len(fig.axes), fig.axes[0].get_title().splitlines()[0][:10]
+        (3, 'GP: RMSE 0')
+        >>> [ax.get_xlabel() for ax in fig.axes], [ax.get_ylabel() for ax in fig.axes]
+        (['', 'observed', 'observed'], ['predicted mean', '', 'predicted mean'])
+        >>> import matplotlib.pyplot as plt; plt.close("all")
+    """
+    where = "predicted_vs_observed_grid"
+    obs = array(where, "y", y)
+    if not isinstance(predictions, Mapping) or not predictions:
+        got = type(predictions).__name__ if not isinstance(predictions, Mapping) else "empty"
+        raise ValueError(
+            f"{where}: predictions must be a non-empty mapping of method name → (mean, var), "
+            f"got {got}"
+        )
+    checked = {}
+    for name, pair in predictions.items():
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            shown = f" of length {len(pair)}" if isinstance(pair, (tuple, list)) else ""
+            raise ValueError(
+                f"{where}: predictions[{name!r}] must be a pair (mean, var), got "
+                f"{type(pair).__name__}{shown}"
+            )
+        mu = array(where, f"predictions[{name!r}] mean", pair[0])
+        v = array(where, f"predictions[{name!r}] var", pair[1])
+        if np.any(v < 0):
+            raise ValueError(
+                f"{where}: predictions[{name!r}] var must be >= 0, got a minimum of {v.min():.3g}"
+            )
+        named = {f"predictions[{name!r}] mean": mu, f"predictions[{name!r}] var": v}
+        same_length(where, y=obs, **named)
+        checked[name] = (mu, v)
+    quantile(where, level)
+    if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
+        raise ValueError(f"{where}: columns must be an integer >= 1, got {columns!r}")
+    cols = min(columns, len(checked))
+    rows = -(-len(checked) // cols)
+    size = (4.2 * cols, 3.9 * rows) if figsize is None else figsize
+    fig, grid = pyplot().subplots(rows, cols, figsize=size, sharex=True, sharey=True,
+                                  squeeze=False)  # fmt: skip
+    panels = list(grid.flat)
+    for ax in panels[len(checked) :]:
+        fig.delaxes(ax)
+    for i, (ax, (name, (mu, v))) in enumerate(zip(panels, checked.items())):
+        predicted_vs_observed(obs, mu, v, level=level, ax=ax, xlabel=xlabel, ylabel=ylabel)
+        rmse = math.sqrt(float(np.mean((obs - mu) ** 2))) if len(obs) else float("nan")
+        ax.set_title(f"{name}: RMSE {rmse:.2f}\n{ax.get_title()}", fontsize=FONT)
+        lowest = i + cols >= len(checked)  # no panel under it in its column
+        if not lowest:
+            ax.set_xlabel("")
+        ax.xaxis.set_tick_params(labelbottom=lowest)
+        if i % cols:
+            ax.set_ylabel("")
+    panels[0].legend(loc="upper left", fontsize=FONT - 1)
+    if title is not None:
+        fig.suptitle(title, fontsize=FONT)
+    fig.tight_layout()
+    return fig

@@ -214,7 +214,9 @@ def test_resnet_style_block_matches_jacrev():
     lin = check(net, torch.randn(5, 3, 8, 8), torch.randn(4, 3, 8, 8), chunk_size=4)
     assert factored_convs(lin) == conv_names(net), lin.engine.plan.reasons
     bn = {n for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    assert {g.rsplit(".", 1)[0] for g in lin.engine.plan.generic} == bn
+    kinds = {layer.module_name: layer.kind for layer in lin.engine.plan.layers}
+    assert {n for n, k in kinds.items() if k == "batchnorm"} == bn
+    assert lin.engine.plan.generic == []
 
 
 # ------------------------------------------------------------------ the proof catches errors

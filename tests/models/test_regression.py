@@ -375,7 +375,9 @@ def test_noise_floor_bounds_the_fitted_noise_on_noise_free_data():
     floor = 1e-4 * float(y.var())
     model = NTKGPRegression(X, y, net)
     assert model.noise_floor == pytest.approx(floor, rel=1e-12)
-    result = fit(model, progress=False)
+    with pytest.warns(UserWarning, match=r"fitted noise s² = .* ended on its default floor .* "
+                      r"N = 10 targets.*give noise_floor explicitly"):  # fmt: skip
+        result = fit(model, progress=False)
     assert result.converged
     noise = float(model.noise.detach())
     assert floor < noise < 1.01 * floor
@@ -391,6 +393,24 @@ def test_noise_floor_bounds_the_fitted_noise_on_noise_free_data():
     assert NTKGPRegression(X, y, net, noise=1e-6).noise_floor == 0.0
     assert NTKGPRegression(X, y, net, noise=0.1, noise_floor=1e-3).noise_floor == 1e-3
     assert NTKGPRegression(X, None, net).noise_floor == 0.0
+    # a floor given explicitly is the user's choice: the same fit ends there without a warning
+    pyro.clear_param_store()
+    explicit = NTKGPRegression(X, y, net, noise_floor=floor)
+    fit(explicit, progress=False)  # filterwarnings=error: a warning fails here
+    assert float(explicit.noise.detach()) < 1.01 * floor
+
+
+def test_no_floor_warning_when_the_noise_is_fitted_above_it():
+    """Noisy targets: s² ends well above the default floor, and fit does not warn."""
+    from pyro_ntk import fit
+
+    torch.manual_seed(1)
+    net = mlp(d_in=1, width=16)
+    X = torch.linspace(-2, 2, 30).unsqueeze(-1)
+    y = reference_output(net, X).squeeze(-1) + 0.3 * torch.randn(30)
+    model = NTKGPRegression(X, y, net)
+    fit(model, progress=False)  # filterwarnings=error: a warning fails here
+    assert float(model.noise.detach()) > 10 * model.noise_floor
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-r"""The structured engine: per-layer factors of nn.Linear, nn.Conv1d and nn.Conv2d, cached per chunk.
+r"""The structured engine: per-layer factors of Linear, Conv1d/2d, BatchNorm, Embedding, per chunk.
 
 For a layer :math:`z = W a + b` applied at positions :math:`s` (one position for a plain
 Linear layer, the output pixels for a convolution, whose :math:`a_s` are the input patches),
@@ -24,10 +24,17 @@ and the dense kernel of plain Linear layers needs no Jacobian at all:
 
     K_l = \big(\sigma_W^2 A_1 A_2^\top + \sigma_b^2\big) \odot \big(B_1 B_2^\top\big).
 
-Parameters outside such layers (normalization, embeddings, custom modules) and layers the
+A BatchNorm in eval mode is a per-channel diagonal layer of its normalized input
+(:mod:`.norm`), whose per-example gradients are reduced from each backward pass as it comes
+(:mod:`.reduction`, as for early convolutions); an ``nn.Embedding`` keeps its token ids and
+sensitivities, and its products are a gather, an ``index_add`` and a Gram by token equality
+(:mod:`.embedding`).
+
+Parameters outside such layers (other normalizations, custom modules) and layers the
 engine cannot factor (a module called more than once, a weight shared between modules, a
-module whose ``forward`` is overridden) go through the cached ``torch.func`` closures of
-:mod:`pyro_ntk._engines.cached`, restricted to those parameters, in the same product.
+module whose ``forward`` is overridden, a BatchNorm using batch statistics) go through the
+cached ``torch.func`` closures of :mod:`pyro_ntk._engines.cached`, restricted to those
+parameters, in the same product; the reason is kept in the plan.
 
 One module per step: :mod:`.plan` (which layers are factored, and the example dimension of
 each), :mod:`.factors` (the per-chunk ``A`` and ``B``), :mod:`.products` (the products from

@@ -1,10 +1,12 @@
-"""The structured engine: factored products for Linear/Conv2d layers, generic for the rest.
+"""The structured engine: factored products for Linear, Conv, BatchNorm and Embedding layers.
 
 Layers of the plan (:mod:`.plan`) go through their cached factors (:mod:`.factors`,
 :mod:`.products`); every other linearized parameter through the cached ``torch.func``
 closures of :mod:`pyro_ntk._engines.cached`, restricted to those parameters, in the same
 product. The preflight proves the factored products of each layer against the generic
-route on the probe and demotes a layer that disagrees, with the reason in the plan.
+route on the probe and demotes a layer that disagrees, with the reason in the plan; before
+the first dense product, an Embedding's index-equality Gram is proven against its own
+Jacobian contraction the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pyro_ntk._engines.base import Engine
 from pyro_ntk._engines.cached import push
 from pyro_ntk._engines.preflight import Reference, Report, agree, relative_error, tolerance
 from pyro_ntk._engines.routes import dense_rows, pull_columns
+from pyro_ntk._engines.structured import embedding as emb
 from pyro_ntk._engines.structured.factors import Factors, LayerFactors, build_factors, layer_factors
 from pyro_ntk._engines.structured.gram import layers_block
 from pyro_ntk._engines.structured.plan import Demote, Layer, make_plan, trace_batch_dims
@@ -31,7 +34,7 @@ from pyro_ntk.parameters import ParameterSpace
 
 
 class StructuredEngine(Engine):
-    """Products from cached per-layer factors (Linear, Conv2d) plus a generic remainder.
+    """Products from cached per-layer factors (Linear, Conv, BatchNorm, Embedding) + the rest.
 
     Cost per chunk of ``n`` inputs: building the factors is one forward pass and ``O``
     backward passes to the layer outputs (no weight gradients); then each ``jvp`` or
@@ -110,6 +113,11 @@ class StructuredEngine(Engine):
         with the patch Gram forced and once with Jacobian contraction forced, and the
         patch Gram is switched off (reported) when they disagree.
         """
+        bad = self._index_gram_errors(ref)
+        if bad:
+            self._demote(bad)
+            for name, why in bad.items():
+                report.add(name, "generic", why)
         if self.plan.layers and self.plan.patch_gram:
             problem = self._gram_error(ref)
             if problem is not None:
@@ -131,6 +139,25 @@ class StructuredEngine(Engine):
         if not agree(patch, want, tolerance(self.space.dtype)):
             return f"patch-Gram K off by {relative_error(patch, want):.2g}"
         return None
+
+    def _index_gram_errors(self, ref: Reference) -> dict[str, str]:
+        """Embeddings whose index-equality Gram and diagonal disagree with ``J Jᵀ`` on the probe."""
+        sparse = [i for i, layer in enumerate(self.plan.layers) if layer.kind == "embedding"]
+        if not sparse:
+            return {}
+        fac, tol, bad = self._factors(ref.X), tolerance(self.space.dtype), {}
+        for i in sparse:
+            layer = self.plan.layers[i]
+            ids, B, pad = fac.index[i], fac.B[i], layer.module.padding_idx
+            J = emb.embedding_jacobian(ids, B, layer.d_in, pad)
+            J = J.reshape(-1, J.shape[2])
+            want = J @ J.T
+            got = emb.embedding_gram(ids, B, ids, B, pad)
+            diag = emb.embedding_diag(ids, B, pad).reshape(-1)
+            if not agree(got, want, tol) or not agree(diag, want.diagonal(), tol):
+                err = max(relative_error(got, want), relative_error(diag, want.diagonal()))
+                bad[layer.module_name] = f"index-equality Gram off by {err:.2g} on the probe"
+        return bad
 
     def _layer_error(self, ref: Reference, layer: Layer | None) -> str | None:
         """How far the factored products of ``layer`` (``None``: all) are from the reference."""

@@ -13,7 +13,10 @@ padded as the module pads it (zeros, reflect, replicate or circular; :func:`conv
 all groups side by side: group ``g`` of a grouped convolution owns columns
 ``g·d_in … (g+1)·d_in − 1`` of ``A`` and output channels ``g·d_out/G …`` of ``B``. Where the
 per-example gradients are cheaper to keep (``O·d_in·d_out`` against ``S·(d_in + O·d_out)``,
-e.g. early convolutions), they replace the factors. Memory per chunk of ``n`` examples:
+e.g. early convolutions), they replace the factors, reduced from each backward pass as it
+comes (:mod:`.reduction`); a BatchNorm keeps only them (its ``x̂`` is recorded in place of
+the input, :mod:`.norm`); an Embedding keeps its token ids in place of ``A``
+(:mod:`.embedding`). Memory per chunk of ``n`` examples:
 ``n·Σ_l S_l·(d_in + O·d_out)`` floats.
 """
 
@@ -28,7 +31,9 @@ from torch import Tensor, nn
 
 from pyro_ntk._engines.cached import Closures, build_closures
 from pyro_ntk._engines.routes import Routes
+from pyro_ntk._engines.structured import norm
 from pyro_ntk._engines.structured.plan import Demote, Layer, Plan
+from pyro_ntk._engines.structured.reduction import GradientSink
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,8 @@ class Factors:
     Per layer either ``A (n, S, d_in)`` and ``B (n, O, S, d_out)``, or (when cheaper, e.g.
     early convolutions whose ``S·(d_in + O·d_out)`` far exceeds ``O·P_l``) the per-example
     gradients themselves, ``wgrads[i] (n, O, d_out·d_in)`` and ``bsums[i] (n, O, d_out)``,
-    with ``A[i] = B[i] = None``.
+    with ``A[i] = B[i] = None``; an Embedding keeps its token ids ``index[i] (n, S)`` and
+    ``B[i]``, with ``A[i] = None`` (so :func:`layer_factors` never reports it).
     """
 
     A: list[Tensor | None]
@@ -72,6 +78,7 @@ class Factors:
     wgrads: list[Tensor | None]
     aexts: list[Tensor | None]  # [A | 1] (n, d_in + 1) for the fused weight-and-bias path
     groups: list[int]  # per layer, the convolution's groups (1 for Linear)
+    index: list[Tensor | None]  # per layer, an Embedding's token ids (n, S) (:mod:`.embedding`)
 
     def bsum(self, i: int) -> Tensor:
         """``Σ_s B`` of layer ``i``, shape ``(n, O, d_out)`` (the bias gradients)."""
@@ -157,15 +164,18 @@ def prefer_gradients(S: int, d_in: int, d_out: int, O: int, groups: int = 1) -> 
     return 2 * gradient <= factored_work and gradient <= S * (groups * d_in + O * d_out)
 
 
-def _layer_factors(layer: Layer, a: Tensor, g: Tensor, n: int, O: int) -> tuple[Tensor, Tensor]:
-    """``A (n, S, d_in)`` and ``B (n, O, S, d_out)`` from the input and ``∂f/∂z``."""
-    if layer.kind == "linear":
-        A = a.movedim(layer.batch_dim, 0).reshape(n, -1, layer.d_in)
-        B = g.reshape(n, O, -1, layer.d_out)
-        return A, B
-    A = conv_patches(layer, a)  # (n, S, G·d_in)
-    B = g.reshape(n, O, layer.d_out, -1).transpose(2, 3).contiguous()  # (n, O, S, C_out)
-    return A, B
+def _sink(layer: Layer, source: Tensor, n: int, O: int) -> GradientSink | None:
+    """Where the layer's gradients are reduced pass by pass (``None``: it keeps ``A``, ``B``).
+
+    Every BatchNorm, and a convolution whose gradients :func:`prefer_gradients`.
+    """
+    if layer.kind == "batchnorm":
+        return GradientSink(layer, source, n, O)
+    if layer.spatial_dims and prefer_gradients(
+        source.shape[1], layer.d_in, layer.d_out, O, layer.groups
+    ):
+        return GradientSink(layer, source, n, O)
+    return None
 
 
 def build_factors(
@@ -201,10 +211,10 @@ def build_factors(
             if (
                 b is None
                 or not isinstance(a, Tensor)
-                or a.dim() < 2
+                or a.dim() < (1 if layer.kind == "embedding" else 2)
                 or a.dim() <= b
                 or a.shape[b] != n
-                or (layer.kind != "linear" and (a.dim() != layer.spatial_dims + 2 or b != 0))
+                or not layer.fits(b, a.dim())
             ):
                 bad[layer.module_name] = (
                     "its input's example dimension was not established"
@@ -212,6 +222,12 @@ def build_factors(
                     else f"its input does not carry the {n} examples in dim {b}"
                 )
                 return None
+            if layer.kind == "batchnorm":
+                problem = norm.eval_problem(module)
+                if problem is not None:
+                    bad[layer.module_name] = problem
+                    return None
+                a = norm.normalized(module, a)  # x̂ at θ*: what γ multiplies
             inputs[i].append(a.detach())
             versions[i] = a._version
             z = out if out.requires_grad else out.detach().requires_grad_()
@@ -250,7 +266,14 @@ def build_factors(
 
     O = out.shape[1]
     zs = [o[0] for o in outputs]
+    # per layer: the patches of a convolution; a sink where gradients are reduced per pass
+    sources = [
+        conv_patches(lay, a[0]) if lay.spatial_dims else a[0] for lay, a in zip(layers, inputs)
+    ]
+    sinks = [_sink(lay, src, n, O) for lay, src in zip(layers, sources)]
     sens: list[list[Tensor]] = [[] for _ in layers]
+    for a in inputs:
+        a.clear()
     if zs:
         for o in range(O):
             with torch.enable_grad():  # callers may run under no_grad (linear_operator)
@@ -259,11 +282,38 @@ def build_factors(
                 )
             for i, g in enumerate(grads):
                 g = torch.zeros_like(zs[i]) if g is None else g.detach()
-                sens[i].append(g.movedim(layers[i].batch_dim, 0))
+                if sinks[i] is not None:
+                    sinks[i].add(o, g)
+                else:
+                    sens[i].append(g.movedim(layers[i].batch_dim, 0))
     A_list, B_list, wgrads, bsums, aexts = [], [], [], [], []
-    for layer, a, b in zip(layers, inputs, sens):
-        A, B = _layer_factors(layer, a[0], torch.stack(b, dim=1), n, O)
-        a.clear()
+    index: list[Tensor | None] = []
+    for layer, src, sink, b in zip(layers, sources, sinks, sens):
+        if layer.kind == "embedding":  # token ids (n, S) and B (n, O, S, d); no A
+            ids = src.movedim(layer.batch_dim, 0).reshape(n, -1)
+            index.append(ids)
+            B_list.append(torch.stack(b, dim=1).reshape(n, O, ids.shape[1], layer.d_out))
+            b.clear()
+            A_list.append(None)
+            wgrads.append(None)
+            bsums.append(None)
+            aexts.append(None)
+            continue
+        index.append(None)
+        if sink is not None:  # per-example gradients, reduced pass by pass
+            wgrads.append(sink.wgrad)
+            bsums.append(sink.bsum)
+            A_list.append(None)
+            B_list.append(None)
+            aexts.append(None)
+            continue
+        if layer.spatial_dims:  # a convolution: ∂f/∂z is channel-major (n, O, C_out, S)
+            A = src
+            B = torch.stack(b, dim=1).reshape(n, O, layer.d_out, A.shape[1])
+            B = B.transpose(2, 3).contiguous()  # (n, O, S, C_out)
+        else:
+            A = src.movedim(layer.batch_dim, 0).reshape(n, -1, layer.d_in)
+            B = torch.stack(b, dim=1).reshape(n, O, -1, layer.d_out)
         b.clear()
         if prefer_gradients(A.shape[1], layer.d_in, B.shape[3], O, layer.groups):
             wgrads.append(weight_grads(A, B, layer.groups) if layer.weight is not None else None)
@@ -283,7 +333,7 @@ def build_factors(
         aexts.append(aext)
         A_list.append(A)
         B_list.append(B)
-    held = [t for t in A_list + B_list + wgrads + bsums + aexts if t is not None]
+    held = [t for t in A_list + B_list + wgrads + bsums + aexts + index if t is not None]
     nbytes = sum(t.numel() * t.element_size() for t in held)
     generic = None
     if plan.generic:
@@ -294,7 +344,7 @@ def build_factors(
         generic, extra = build_closures(fn, {g: theta[g] for g in plan.generic}, routes, network)
         nbytes += extra
     groups = [layer.groups for layer in layers]
-    return Factors(A_list, B_list, generic, bsums, wgrads, aexts, groups), nbytes
+    return Factors(A_list, B_list, generic, bsums, wgrads, aexts, groups, index), nbytes
 
 
 def layer_factors(plan: Plan, chunks: list[Factors]) -> list[LayerFactors]:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pyro_ntk._engines.structured import embedding as emb
 from pyro_ntk._engines.structured.factors import Factors
 from pyro_ntk._engines.structured.plan import Layer, Plan
 
@@ -128,6 +129,11 @@ def layers_block(
     allowed = plan.patch_gram and route != "contraction"
     for i, (layer, (sw, sb)) in enumerate(zip(plan.layers, scales)):
         A1, B1, A2, B2 = f1.A[i], f1.B[i], f2.A[i], f2.B[i]
+        if f1.index[i] is not None:  # an Embedding: the Gram by token equality
+            pad = layer.module.padding_idx
+            part = sw * emb.embedding_gram(f1.index[i], B1, f2.index[i], B2, pad)
+            K = part if K is None else K + part
+            continue
         factored = allowed and A1 is not None and A2 is not None
         if factored and A1.shape[1] == 1 and layer.groups == 1:
             part = _linear_block(A1, B1, A2, B2, layer, sw, sb)

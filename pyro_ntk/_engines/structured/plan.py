@@ -1,7 +1,9 @@
 """Which linearized parameters the structured engine factors, and how each layer is laid out.
 
 A layer is factored when it is an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` (any stride,
-padding, dilation, groups and padding mode) whose parameters no other module shares. A
+padding, dilation, groups and padding mode), or a BatchNorm with running statistics (a
+per-channel diagonal layer in eval mode, :mod:`.norm`), or an ``nn.Embedding`` (a sparse
+row lookup, :mod:`.embedding`), whose parameters no other module shares. A
 convolution is laid out as a 2-D one (a ``Conv1d`` on a height-1 image), with its input
 padded per side exactly as the module pads it (:func:`conv_pads`). Nothing about the layout is guessed: the preflight
 establishes, for each layer, which dimension of its input carries the examples (the one
@@ -21,6 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from pyro_ntk._engines.preflight import probe_rows
+from pyro_ntk._engines.structured.embedding import embedding_problem
+from pyro_ntk._engines.structured.norm import norm_kind
 from pyro_ntk.parameters import ParameterSpace
 
 
@@ -30,13 +34,14 @@ class Layer:
 
     module_name: str
     module: nn.Module
-    kind: str  # "linear", "conv1d" or "conv2d"
+    kind: str  # "linear", "conv1d", "conv2d", "batchnorm" or "embedding"
     weight: str | None  # flat parameter name, when the weight is linearized
     bias: str | None
     w_slice: slice | None
     b_slice: slice | None
     d_out: int
-    d_in: int  # per group: a convolution's ``C_in/groups · kh · kw``
+    d_in: int  # per group: a convolution's ``C_in/groups · kh · kw``; 1 for a BatchNorm;
+    # an Embedding's number of rows (its weight is ``(d_in, d_out)``)
     pads: tuple[int, int, int, int] = (0, 0, 0, 0)  # F.pad order: left, right, top, bottom
     padding_mode: str = "zeros"
     groups: int = 1
@@ -44,8 +49,20 @@ class Layer:
 
     @property
     def spatial_dims(self) -> int:
-        """Spatial dimensions of a convolution's input (0 for a Linear layer)."""
-        return {"linear": 0, "conv1d": 1, "conv2d": 2}[self.kind]
+        """Spatial dimensions of a convolution's input (0 for a Linear layer or a BatchNorm)."""
+        return {"conv1d": 1, "conv2d": 2}.get(self.kind, 0)
+
+    def fits(self, batch_dim: int, ndim: int) -> bool:
+        """Whether an input of ``ndim`` dims with examples in ``batch_dim`` is one it reads.
+
+        A Linear layer or an Embedding reads any layout; a convolution ``(n, C, *spatial)`` of its own
+        rank; a BatchNorm ``(n, C, *spatial)`` of any rank.
+        """
+        if self.kind in ("linear", "embedding"):
+            return True
+        if self.kind == "batchnorm":
+            return batch_dim == 0 and ndim >= 2
+        return batch_dim == 0 and ndim == self.spatial_dims + 2
 
     @property
     def in_width(self) -> int:
@@ -123,14 +140,23 @@ _KINDS = {
 }
 
 
-def _kind(m: nn.Module) -> str | None:
-    """The factored kind of a module whose forward is a stock Linear/Conv1d/Conv2d one."""
+def _kind(m: nn.Module) -> tuple[str | None, str | None]:
+    """The factored kind of a module, or why a layer of a factored type is not factored.
+
+    Stock Linear/Conv1d/Conv2d forwards and stock BatchNorms (:func:`.norm.norm_kind`);
+    a subclass of one of these types with its own ``forward`` gets a reason.
+    """
     for cls, kind in _KINDS.items():
         if type(m).forward is cls.forward and (
             kind == "linear" or type(m)._conv_forward is cls._conv_forward
         ):
-            return kind
-    return None
+            return kind, None
+    if type(m).forward is nn.Embedding.forward and isinstance(m, nn.Embedding):
+        why = embedding_problem(m)
+        return ("embedding", None) if why is None else (None, why)
+    if isinstance(m, (*_KINDS, nn.Embedding)):
+        return None, f"a {type(m).__name__} whose forward is not the stock one"
+    return norm_kind(m)
 
 
 def make_plan(network: nn.Module, space: ParameterSpace) -> Plan:
@@ -145,21 +171,28 @@ def make_plan(network: nn.Module, space: ParameterSpace) -> Plan:
         owners[id(p)] = owners.get(id(p), 0) + 1
     layers, reasons, taken = [], {}, set()
     for mname, m in network.named_modules():
-        kind = _kind(m)
-        if kind is None:
-            continue
+        kind, why = _kind(m)
         w_name, b_name = _join(mname, "weight"), _join(mname, "bias")
         own = [n for n in (w_name, b_name) if n in selected]
-        if not own:
+        if kind is None or not own:
+            if why is not None and own:
+                reasons[mname] = why
             continue
         mine = [p for p in (getattr(m, "weight", None), getattr(m, "bias", None)) if p is not None]
         if any(owners.get(id(p), 0) > 1 for p in mine):
             reasons[mname] = "a parameter shared with another module"
             continue
         conv = {}
-        if kind != "linear":
+        if kind == "batchnorm":  # a depthwise 1×1 layer of the normalized input
+            conv = dict(groups=m.num_features)
+        elif kind in ("conv1d", "conv2d"):
             conv = dict(pads=conv_pads(m), padding_mode=m.padding_mode, groups=m.groups)
-        weight = m.weight
+        if kind == "batchnorm":
+            d_out, d_in = m.num_features, 1
+        elif kind == "embedding":
+            d_out, d_in = m.embedding_dim, m.num_embeddings
+        else:
+            d_out, d_in = m.weight.shape[0], m.weight[0].numel()
         layers.append(
             Layer(
                 module_name=mname,
@@ -169,8 +202,8 @@ def make_plan(network: nn.Module, space: ParameterSpace) -> Plan:
                 bias=b_name if b_name in selected else None,
                 w_slice=offsets.get(w_name) if w_name in selected else None,
                 b_slice=offsets.get(b_name) if b_name in selected else None,
-                d_out=weight.shape[0],
-                d_in=weight[0].numel(),
+                d_out=d_out,
+                d_in=d_in,
                 **conv,
             )
         )
@@ -229,7 +262,8 @@ def trace_batch_dims(
             continue
         (a2, z2), (a3, z3) = two[0], three[0]
         b = _example_dim(a2, a3) if len(a2) == len(a3) else None
-        if b is None or _example_dim(z2, z3) != b or b == len(a2) - 1:
+        last = b == len(a2) - 1 and layer.kind != "embedding"  # ids (n,) are fine
+        if b is None or _example_dim(z2, z3) != b or last:
             bad[layer.module_name] = (
                 f"its input's example dimension could not be established (input shape "
                 f"{a2} at 2 examples, {a3} at 3: "
@@ -239,8 +273,8 @@ def trace_batch_dims(
                     else "the examples are merged with another dimension)"
                 )
             )
-        elif layer.kind != "linear" and (b != 0 or len(a2) != layer.spatial_dims + 2):
-            bad[layer.module_name] = f"a convolution whose examples lie in dim {b}"
+        elif not layer.fits(b, len(a2)):
+            bad[layer.module_name] = f"a {layer.kind} layer whose examples lie in dim {b}"
         elif layer.batch_dim is not None and layer.batch_dim != b:
             bad[layer.module_name] = (
                 f"its examples lie in dim {layer.batch_dim} for one input shape and {b} for another"

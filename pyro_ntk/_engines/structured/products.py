@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from pyro_ntk._engines.structured import embedding as emb
 from pyro_ntk._engines.structured.factors import Factors, fast_layout
 from pyro_ntk._engines.structured.plan import Plan
 
@@ -93,6 +94,11 @@ def layers_jvp(plan: Plan, fac: Factors, V: Tensor) -> Tensor | None:
     out = None
     for i, layer in enumerate(plan.layers):
         A, B = fac.A[i], fac.B[i]
+        if fac.index[i] is not None:  # an Embedding: a gather of V's rows
+            pad = layer.module.padding_idx
+            part = emb.embedding_jvp(fac.index[i], B, V[layer.w_slice], layer.d_in, pad)
+            out = part if out is None else out + part
+            continue
         if A is None:  # per-example gradients
             part = None
             if layer.weight is not None:
@@ -141,6 +147,10 @@ def layers_vjp(plan: Plan, fac: Factors, U: Tensor) -> dict[str, Tensor]:
     pieces: dict[str, Tensor] = {}
     for i, layer in enumerate(plan.layers):
         A, B = fac.A[i], fac.B[i]
+        if fac.index[i] is not None:  # an Embedding: an index_add into V's rows
+            pad = layer.module.padding_idx
+            pieces[layer.weight] = emb.embedding_vjp(fac.index[i], B, U, layer.d_in, pad)
+            continue
         if A is None:  # per-example gradients
             if layer.weight is not None:
                 pieces[layer.weight] = fac.wgrads[i].reshape(n * O, -1).T @ U.reshape(n * O, k)
@@ -172,6 +182,10 @@ def layers_jacobian(plan: Plan, fac: Factors) -> dict[str, Tensor]:
     """Per-example Jacobian of every factored parameter, ``{name: (n, O, numel)}``."""
     pieces: dict[str, Tensor] = {}
     for i, layer in enumerate(plan.layers):
+        if fac.index[i] is not None:
+            pad = layer.module.padding_idx
+            pieces[layer.weight] = emb.embedding_jacobian(fac.index[i], fac.B[i], layer.d_in, pad)
+            continue
         if layer.weight is not None:
             pieces[layer.weight] = fac.wgrad(i)
         if layer.bias is not None:
@@ -204,6 +218,10 @@ def layers_diag(plan: Plan, fac: Factors, scales: list[tuple]) -> Tensor | None:
     for i, (layer, (sw, sb)) in enumerate(zip(plan.layers, scales)):
         A, B = fac.A[i], fac.B[i]
         part = 0.0
+        if fac.index[i] is not None:
+            part = sw * emb.embedding_diag(fac.index[i], B, layer.module.padding_idx)
+            out = part if out is None else out + part
+            continue
         if layer.weight is not None:
             if A is not None and A.shape[1] == 1 and layer.groups == 1:
                 wn = B.square().sum((2, 3)) * A.square().sum((1, 2)).unsqueeze(1)
