@@ -10,45 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from product_checks import check, rel_err
 from torch import nn
-from torch.func import functional_call, jacrev
 from zoo import ZOO, ZOO_IDS
 
 import pyro_ntk._engines.structured.embedding as emb
 from pyro_ntk import Linearization
 from pyro_ntk._engines.structured.plan import make_plan
 from pyro_ntk.parameters import ParameterSpace
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
-
-
-def jacrev_jacobian(net: nn.Module, X: torch.Tensor) -> torch.Tensor:
-    net = net.eval()
-    theta = {n: p.detach() for n, p in net.named_parameters()}
-    N = X.shape[0]
-    jac = jacrev(lambda p: functional_call(net, p, (X,)).reshape(N, -1))(theta)
-    return torch.cat([j.reshape(N, j.shape[1], -1) for j in jac.values()], dim=-1)
-
-
-def check(net, X1, X2, chunk_size=None) -> Linearization:
-    """JV, JᵀU, K·v, dense K, cross K and diag K against J Jᵀ from ``jacrev`` (≤ 1e-8)."""
-    lin = Linearization(net, implementation="structured", chunk_size=chunk_size)
-    J1, J2 = jacrev_jacobian(net, X1), jacrev_jacobian(net, X2)
-    N1, O, P = J1.shape
-    N2 = J2.shape[0]
-    A1, A2 = J1.reshape(N1 * O, P), J2.reshape(N2 * O, P)
-    v = torch.randn(P, 3)
-    assert rel_err(lin.jvp(X1, v), (A1 @ v).reshape(N1, O, 3)) <= 1e-8
-    u = torch.randn(N2, O, 2)
-    assert rel_err(lin.vjp(X2, u), A2.T @ u.reshape(N2 * O, 2)) <= 1e-8
-    V = torch.randn(N2 * O, 2)
-    assert rel_err(lin.ntk_mvm(X1, X2, V), A1 @ (A2.T @ V)) <= 1e-8
-    assert rel_err(lin.ntk_dense(X1), A1 @ A1.T) <= 1e-8
-    assert rel_err(lin.ntk_dense(X1, X2), A1 @ A2.T) <= 1e-8
-    assert rel_err(lin.ntk_diag(X1), (A1 * A1).sum(-1)) <= 1e-8
-    return lin
 
 
 def factored(lin: Linearization) -> set[str]:
