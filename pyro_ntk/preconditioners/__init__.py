@@ -36,10 +36,12 @@ Kinds:
 * :class:`FisherPreconditioner`: the top of the (variance-scaled) Fisher
   ``F = S^{1/2} Jᵀ J S^{1/2}`` (``P × P``), mapped to function space as ``L = J S^{1/2} Q``
   and diagonalized by a Rayleigh–Ritz step (``L Lᵀ ≈ U diag(d) Uᵀ``). ``Q`` holds, for the
-  linear layers the structured engine factors, the Kronecker (K-FAC) eigen-directions
-  with the largest Fisher Rayleigh quotients (:mod:`~pyro_ntk.preconditioners.kronecker`:
-  no Jacobian products at all), and for every other parameter a randomized range finder
-  from Fisher-vector products (power iteration, oversampling, a subset of the inputs).
+  Linear and Conv1d/Conv2d (groups 1) layers whose factors the structured engine keeps, the
+  Kronecker (K-FAC) eigen-directions with the largest Fisher Rayleigh quotients
+  (:mod:`~pyro_ntk.preconditioners.kronecker`: no Jacobian products; refined by one
+  subspace step when a convolution is among them), and for every other parameter a
+  randomized range finder from Fisher-vector products (power iteration, oversampling, a
+  subset of the inputs).
 * :class:`NystromPreconditioner`: stabilized randomized Nyström on ``K`` (sketch ``K Ω``).
 * :class:`PivotedCholeskyPreconditioner`: linear_operator's partial pivoted Cholesky
   (the routine behind gpytorch's default preconditioner), put in eigen-form so it too is
