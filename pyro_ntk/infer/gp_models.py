@@ -122,6 +122,11 @@ def set_initial_variance(model: GPModel) -> float | None:
 def warn_noise_on_floor(model: GPModel, name: str) -> float | None:
     """Warn when a fitted noise ended on its default floor (module docstring).
 
+    Args:
+        model: the fitted model; only an :class:`~pyro_ntk.NTKGPRegression` whose
+            ``noise_floor`` was chosen by default (``noise_floor_by_default``) is checked.
+        name: the model's name in the message.
+
     Returns:
         The fitted s² when it warned, else ``None``.
     """
