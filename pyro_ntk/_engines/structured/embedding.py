@@ -36,8 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-BLOCK_ELEMENTS = 1 << 24
-"""Most elements of one example block's sensitivity Gram ``(n_b·O·S)×(m_b·O·S)``."""
+from pyro_ntk._engines.structured.blocks import pair_blocks
 
 
 def embedding_problem(m: nn.Embedding) -> str | None:
@@ -94,24 +93,17 @@ def embedding_gram(ids1: Tensor, B1: Tensor, ids2: Tensor, B2: Tensor, padding_i
     """``Σ_{s,t} [t_{n,s} = t'_{m,t}] B_{n,o,s} · B'_{m,p,t}``, shape ``(n1·O, n2·O)``.
 
     Over example blocks so that one block's sensitivity Gram holds at most
-    :data:`BLOCK_ELEMENTS` elements.
+    :data:`~pyro_ntk._engines.structured.blocks.BLOCK_ELEMENTS` elements.
     """
     n1, O, S1, d = B1.shape
     n2, S2 = B2.shape[0], B2.shape[2]
     B1, B2 = _masked(ids1, B1, padding_idx), _masked(ids2, B2, padding_idx)
-    per_pair = O * O * S1 * S2
-    b1 = max(1, min(n1, int((BLOCK_ELEMENTS / per_pair) ** 0.5)))
-    b2 = max(1, min(n2, BLOCK_ELEMENTS // (per_pair * b1)))
     K = B1.new_zeros(n1, O, n2, O)
-    for i in range(0, n1, b1):
-        r = slice(i, min(n1, i + b1))
-        m1 = r.stop - r.start
-        for j in range(0, n2, b2):
-            c = slice(j, min(n2, j + b2))
-            m2 = c.stop - c.start
-            eq = (ids1[r].reshape(m1, S1, 1, 1) == ids2[c].reshape(1, 1, m2, S2)).to(B1.dtype)
-            BB = (B1[r].reshape(-1, d) @ B2[c].reshape(-1, d).T).reshape(m1, O, S1, m2, O, S2)
-            K[r, :, c] = torch.einsum("nsmt,nosmpt->nomp", eq, BB)
+    for r, c in pair_blocks(n1, n2, O * O * S1 * S2):
+        m1, m2 = r.stop - r.start, c.stop - c.start
+        eq = (ids1[r].reshape(m1, S1, 1, 1) == ids2[c].reshape(1, 1, m2, S2)).to(B1.dtype)
+        BB = (B1[r].reshape(-1, d) @ B2[c].reshape(-1, d).T).reshape(m1, O, S1, m2, O, S2)
+        K[r, :, c] = torch.einsum("nsmt,nosmpt->nomp", eq, BB)
     return K.reshape(n1 * O, n2 * O)
 
 

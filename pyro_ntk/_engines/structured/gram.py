@@ -15,7 +15,7 @@ and the bias block is :math:`(\sum_s B_{n,o,s}) \cdot (\sum_{s'} B_{m,p,s'})`. T
 - **patch Gram** (left form): the patch and sensitivity Grams, multiplied and summed over
   position pairs, no Jacobian. Multiply-adds per example pair
   ``S²·(G·d_in + O²·d_out + G·O²)``; memory ``O²·S²`` per pair (blocked, see
-  :data:`BLOCK_ELEMENTS`).
+  :data:`~pyro_ntk._engines.structured.blocks.BLOCK_ELEMENTS`).
 - **Jacobian contraction** (right form): per-example weight gradients
   ``Σ_s B_s A_sᵀ`` (``O·S·P_W`` each, unless the factors already hold them), then their
   Gram, ``O²·P_W`` per pair.
@@ -39,11 +39,9 @@ import torch
 from torch import Tensor
 
 from pyro_ntk._engines.structured import embedding as emb
+from pyro_ntk._engines.structured.blocks import pair_blocks
 from pyro_ntk._engines.structured.factors import Factors
 from pyro_ntk._engines.structured.plan import Layer, Plan
-
-BLOCK_ELEMENTS = 1 << 24
-"""Most elements of one example block's sensitivity Gram ``(n_b·O·S)×(m_b·O·S)``."""
 
 
 def patch_gram_flops(S: int, width: int, d_out: int, O: int, groups: int) -> int:
@@ -68,7 +66,8 @@ def patch_gram(A1: Tensor, B1: Tensor, A2: Tensor, B2: Tensor, groups: int) -> T
     r"""``Σ_g Σ_{s,s'} (A1 A2ᵀ)_g ⊙ (B1 B2ᵀ)_g``, shape ``(n1·O, n2·O)``, no Jacobian.
 
     ``A (n, S, G·d_in)``, ``B (n, O, S, d_out)``. Computed over example blocks so that one
-    block's sensitivity Gram holds at most :data:`BLOCK_ELEMENTS` elements.
+    block's sensitivity Gram holds at most
+    :data:`~pyro_ntk._engines.structured.blocks.BLOCK_ELEMENTS` elements.
 
     >>> A, B = torch.randn(3, 4, 6), torch.randn(3, 2, 4, 5)
     >>> G = torch.einsum("nosj,nsi->noji", B, A).reshape(6, -1)
@@ -78,26 +77,19 @@ def patch_gram(A1: Tensor, B1: Tensor, A2: Tensor, B2: Tensor, groups: int) -> T
     n1, O, S, d_out = B1.shape
     n2 = B2.shape[0]
     og, d = d_out // groups, A1.shape[2] // groups
-    per_pair = O * O * S * S
-    b1 = max(1, min(n1, int((BLOCK_ELEMENTS / per_pair) ** 0.5)))
-    b2 = max(1, min(n2, BLOCK_ELEMENTS // (per_pair * b1)))
     K = A1.new_zeros(n1, O, n2, O)
     A1g, A2g = A1.reshape(n1, S, groups, d), A2.reshape(n2, S, groups, d)
     B1g, B2g = B1.reshape(n1, O, S, groups, og), B2.reshape(n2, O, S, groups, og)
-    for i in range(0, n1, b1):
-        r = slice(i, min(n1, i + b1))
-        m1 = r.stop - r.start
-        for j in range(0, n2, b2):
-            c = slice(j, min(n2, j + b2))
-            m2 = c.stop - c.start
-            for g in range(groups):
-                a1 = A1g[r, :, g].reshape(m1 * S, d)
-                a2 = A2g[c, :, g].reshape(m2 * S, d)
-                AA = (a1 @ a2.T).reshape(m1, S, m2, S)
-                bb1 = B1g[r, :, :, g].reshape(m1 * O * S, og)
-                bb2 = B2g[c, :, :, g].reshape(m2 * O * S, og)
-                BB = (bb1 @ bb2.T).reshape(m1, O, S, m2, O, S)
-                K[r, :, c] += torch.einsum("nsmt,nosmpt->nomp", AA, BB)
+    for r, c in pair_blocks(n1, n2, O * O * S * S):
+        m1, m2 = r.stop - r.start, c.stop - c.start
+        for g in range(groups):
+            a1 = A1g[r, :, g].reshape(m1 * S, d)
+            a2 = A2g[c, :, g].reshape(m2 * S, d)
+            AA = (a1 @ a2.T).reshape(m1, S, m2, S)
+            bb1 = B1g[r, :, :, g].reshape(m1 * O * S, og)
+            bb2 = B2g[c, :, :, g].reshape(m2 * O * S, og)
+            BB = (bb1 @ bb2.T).reshape(m1, O, S, m2, O, S)
+            K[r, :, c] += torch.einsum("nsmt,nosmpt->nomp", AA, BB)
     return K.reshape(n1 * O, n2 * O)
 
 
