@@ -154,12 +154,10 @@ def targets(rows: list[dict]) -> tuple[str, dict]:
         if ntk is None:
             continue
         n1 += 1
-        ok = _close_to_best(cell, ntk, best)
+        ok, d, se = _against_best(cell, ntk, best)
         met1 += ok
         plain = best_method(cell, [m for m in NTK_METHODS if m not in RECIPE_METHODS])
-        met_plain += plain is not None and _close_to_best(cell, plain, best)
-        draws = _common(cell, ntk, best)
-        d, se = paired_difference(_values(cell, ntk, draws=draws), _values(cell, best, draws=draws))
+        met_plain += plain is not None and _against_best(cell, plain, best)[0]
         lines.append(f"- {task} @ {size}: best {best} ({_mean(_values(cell, best)):.3f}), best NTK "
                      f"{ntk} ({_mean(_values(cell, ntk)):.3f}); Δ = {d:+.3f} ± {se:.3f} → "
                      f"{'met' if ok else 'missed'}")  # fmt: skip
@@ -246,11 +244,14 @@ def rst_wtl(rows: list[dict]) -> str:
     return _list_table(["method", "vs fine-tuning", "vs best baseline"], body)
 
 
-def _close_to_best(cell: dict, method: str, best: str) -> bool:
-    """``method`` is ``best``, or its paired mean NLL difference is within one paired SE."""
+def _against_best(cell: dict, method: str, best: str) -> tuple[bool, float, float]:
+    """``(close, d̄, se)`` of ``method``'s paired mean NLL difference ``d̄`` to ``best``.
+
+    Close: ``method`` is ``best``, or ``d̄`` is within one paired standard error ``se``.
+    """
     draws = _common(cell, method, best)
     d, se = paired_difference(_values(cell, method, draws=draws), _values(cell, best, draws=draws))
-    return method == best or d <= se
+    return method == best or d <= se, d, se
 
 
 def nll_figure(rows: list[dict], path) -> None:
