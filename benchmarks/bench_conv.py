@@ -18,9 +18,17 @@ Everything in one process, timed round-robin (min of ``--repeats``, :mod:`_commo
 3. **ResNet-18 shape** (CIFAR stem, [2, 2, 2, 2] BasicBlocks, 11.2 M parameters) at small N
    (``--n18``): one K·v per engine, the first call, and the factors' size against the
    ``N·O·P`` Jacobian that no path forms.
-4. **Peak memory** of one K·v (first call: caches included) per engine against
-   forward+backward: a fresh subprocess's peak RSS on CPU (``VmHWM``), CUDA
-   ``max_memory_allocated`` on GPU.
+4. **Lazy factors** (``--sections lazy``, ResNet-style CNN at ``--n``): the structured
+   engine's first K·v after ``clear_cache`` (streaming ``torch.func`` vjp/jvp), its second
+   (the vjp that builds the factors) and the steady K·v, side by side with the eager engine
+   (``build_after = 0``: the first K·v builds), ``auto`` and plain ``torch.func`` vjp+jvp;
+   the total cost of ``k`` products (lazy, eager, streaming only) and the break-even.
+5. **Peak memory** of one K·v (first call: caches included) per engine against
+   forward+backward, at ``--n`` (ResNet-style) and ``--n18-memory`` (ResNet-18 shape): a
+   fresh subprocess per entry; the network, inputs and the preflight (on 4 rows) come
+   first, then the peak is reset and the product's peak RSS over the RSS before it is
+   taken (``VmHWM``); CUDA ``max_memory_allocated`` on GPU. The setup's own peak (the
+   preflight at ResNet-18 shape holds a few ``P``-vectors) is reported apart.
 
 Usage: ``python benchmarks/bench_conv.py [--quick] [--repeats R] [--device cuda] [--write]``
 (``--write`` replaces the "Convolutions" section of RESULTS.md).
@@ -161,12 +169,16 @@ def products_table(
         for k, V in ((1, V1), (16, V16)):
             fns[f"{e}, K·v k={k}"] = lambda lin=lin, V=V: lin.ntk_mvm(X, X, V)
         if lin.engine.caches_closures or e == "auto":
+            # its own linearization: clearing the timed one's cache would put the (lazy)
+            # build into its steady K·v rows of the round-robin
+            fresh = Linearization(net, params, implementation=e)
+            fresh(X)
 
-            def first(lin=lin):
+            def first(lin=fresh):
                 lin.clear_cache()
                 lin.ntk_mvm(X, X, V1)
 
-            fns[f"{e}, first call (builds caches)"] = first
+            fns[f"{e}, first call (after clear_cache)"] = first
     if params is None:
         fns["torch.func vjp+jvp, k=1"] = torch_func_mvm(net, X, V1)
         fns["torch.func vjp+jvp, k=16"] = torch_func_mvm(net, X, V16)
@@ -256,7 +268,7 @@ def route_table(net, X, repeats, device) -> str:
 
 # ---------------------------------------------------------------------------- memory
 MEMORY_CODE = """
-import sys, torch
+import gc, sys, torch
 sys.path.insert(0, {bench!r})
 from bench_conv import build, forward_backward, torch_func_mvm
 from pyro_ntk import Linearization
@@ -264,36 +276,155 @@ device = {device!r}
 net = build({net!r}, device)
 X = torch.randn({n}, 3, 32, 32, device=device)
 V = torch.randn({n} * 10, 1, device=device)
-what = {what!r}
+what, calls = {what!r}, {calls}
 if what != 'forward+backward' and what != 'torch.func vjp+jvp':
     lin = Linearization(net, implementation=what)
     lin(X[:4])  # preflight on a small batch: the peak below is the product's
+if what == 'torch.func vjp+jvp':
+    run = torch_func_mvm(net, X, V)
+gc.collect()
+setup_peak, before = _status('VmHWM'), _status('VmRSS')
+open('/proc/self/clear_refs', 'w').write('5')  # the peak from here on is the product's
 if device == 'cuda':
     torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
 base = torch.cuda.memory_allocated() if device == 'cuda' else 0
-if what == 'forward+backward':
-    forward_backward(net, X)()
-elif what == 'torch.func vjp+jvp':
-    torch_func_mvm(net, X, V)()
-else:
-    lin.ntk_mvm(X, X, V)
-cache = getattr(getattr(lin, 'engine', None), 'cache', None) if what in ('cached', 'structured') else None
-RESULT = dict(cuda_peak_mib=(torch.cuda.max_memory_allocated() - base) / 2**20 if device == 'cuda' else None)
+for _ in range(calls):
+    if what == 'forward+backward':
+        forward_backward(net, X)()
+    elif what == 'torch.func vjp+jvp':
+        run()
+    else:
+        lin.ntk_mvm(X, X, V)
+cache = getattr(getattr(lin, 'engine', None), 'cache', None) if what in ('cached', 'structured', 'auto') else None
+RESULT = dict(
+    cuda_peak_mib=(torch.cuda.max_memory_allocated() - base) / 2**20 if device == 'cuda' else None,
+    product_mib=(_status('VmHWM') - before) / 1024,
+    setup_mib=(setup_peak - _base) / 1024,
+    builds=None if cache is None else cache.builds,
+    held_mib=None if cache is None else cache.nbytes / 2**20,
+)
 """
 
 
 def memory_table(net_name: str, n: int, device: str, whats) -> tuple[str, dict]:
-    """Peak memory of one K·v per engine (first call) against forward+backward."""
+    """Peak memory of K·v per engine (from a fresh process) against forward+backward.
+
+    ``whats``: ``(label, what, calls)``; ``calls`` products in a row (2: the second K·v,
+    where a lazy engine builds the factors when they fit in its cache budget).
+    """
     bench = str(Path(__file__).resolve().parent)
-    res = {}
-    for what in whats:
-        code = MEMORY_CODE.format(bench=bench, device=device, net=net_name, n=n, what=what)
+    res, rows = {}, []
+    for label, what, calls in whats:
+        code = MEMORY_CODE.format(
+            bench=bench, device=device, net=net_name, n=n, what=what, calls=calls
+        )
+        t0 = time.perf_counter()
         r = peak_rss_subprocess(code)
-        res[what] = r["cuda_peak_mib"] if device == "cuda" else r["peak_mib"] - r["baseline_mib"]
-    fb = res["forward+backward"]
-    rows = [[w, f"{m:.0f}", f"{m / fb:.2f}"] for w, m in res.items()]
-    unit = "CUDA max_memory_allocated MiB" if device == "cuda" else "peak RSS − baseline, MiB"
-    return markdown_table([f"{net_name}, N={n}, one K·v", unit, "× fwd+bwd"], rows), res
+        print(
+            f"  memory {net_name} {label}: {time.perf_counter() - t0:.0f} s, {r}",
+            file=sys.stderr,
+            flush=True,
+        )
+        res[label] = r
+    fb = res["forward+backward"]["cuda_peak_mib" if device == "cuda" else "product_mib"]
+    for label, r in res.items():
+        m = r["cuda_peak_mib"] if device == "cuda" else r["product_mib"]
+        built = "" if r["builds"] is None else f"{r['builds']} / {r['held_mib']:.0f} MiB"
+        rows.append([label, f"{m:.0f}", f"{m / fb:.2f}", f"{r['setup_mib']:.0f}", built])
+    unit = "CUDA max_memory_allocated MiB" if device == "cuda" else "peak RSS over before, MiB"
+    headers = [f"{net_name}, N={n}", unit, "× fwd+bwd", "setup peak, MiB", "builds / held"]
+    return markdown_table(headers, rows), res
+
+
+def memory_whats(engines) -> list[tuple[str, str, int]]:
+    whats = [("forward+backward", "forward+backward", 1)]
+    for e in engines:
+        whats.append((f"{e}, one K·v", e, 1))
+        if e in ("structured", "auto"):
+            whats.append((f"{e}, two K·v", e, 2))
+    return [*whats, ("torch.func vjp+jvp, one K·v", "torch.func vjp+jvp", 1)]
+
+
+# ---------------------------------------------------------------------------- lazy
+def lazy_table(net, X, params, repeats: int, device: str, with_auto: bool) -> tuple[str, dict]:
+    """First, second and steady K·v after ``clear_cache``: lazy, eager, auto, torch.func."""
+    N = X.shape[0]
+    O = net(X[:1]).numel()
+    V = torch.randn(N * O, 1, device=device)
+    lins = {
+        "structured (lazy)": Linearization(net, params, implementation="structured"),
+        "structured (eager, build_after=0)": Linearization(
+            net, params, implementation="structured"
+        ),
+    }
+    if with_auto:
+        lins["auto"] = Linearization(net, params)
+    lins["structured (eager, build_after=0)"].engine.build_after = 0
+    for lin in lins.values():
+        lin(X)
+    fb = timed(forward_backward(net, X), device)
+    plain = timed(torch_func_mvm(net, X, V), device) if params is None else None
+    best: dict[str, float] = {}
+
+    def keep(name: str, t: float) -> None:
+        best[name] = min(best.get(name, float("inf")), t)
+
+    for r in range(repeats + 1):  # round 0 warms up, untimed
+        t0 = time.perf_counter()
+        fb()
+        t_fb = time.perf_counter() - t0
+        times = {}
+        for e, lin in lins.items():
+            lin.clear_cache()
+            for call in ("first", "second", "steady"):
+                t0 = time.perf_counter()
+                lin.ntk_mvm(X, X, V)
+                sync(device)
+                times[f"{e}, {call}"] = time.perf_counter() - t0
+        if plain is not None:
+            t0 = time.perf_counter()
+            plain()
+            times["torch.func vjp+jvp"] = time.perf_counter() - t0
+        print(
+            f"  lazy round {r}: " + ", ".join(f"{k} {v:.2f}" for k, v in times.items()),
+            file=sys.stderr,
+            flush=True,
+        )
+        if r:
+            keep("forward+backward", t_fb)
+            for k, v in times.items():
+                keep(k, v)
+    f = best["forward+backward"]
+    rows = [[k, f"{t * 1e3:.1f}", f"{t / f:.2f}"] for k, t in best.items()]
+    fig = {k: t / f for k, t in best.items()}
+    table = markdown_table([f"N={N}, O={O}, K·v after clear_cache", "ms", "× fwd+bwd"], rows)
+    lazy = [fig[f"structured (lazy), {c}"] for c in ("first", "second", "steady")]
+    eager = [fig[f"structured (eager, build_after=0), {c}"] for c in ("first", "second", "steady")]
+    steady = min(lazy[2], eager[2])  # the same factored K·v in both: the less noisy figure
+
+    def total_lazy(k):
+        return lazy[0] if k == 1 else lazy[0] + lazy[1] + (k - 2) * steady
+
+    def total_eager(k):
+        return eager[0] + (k - 1) * steady
+
+    cost_rows = [
+        [k, f"{total_lazy(k):.1f}", f"{total_eager(k):.1f}", f"{k * lazy[0]:.1f}"]
+        for k in (1, 2, 3, 5, 10, 30, 100)
+    ]
+    even = next((k for k in range(2, 10_000) if total_lazy(k) <= k * lazy[0]), None)
+    fig["break-even vs streaming"] = even
+    cost = markdown_table(
+        ["k products on a chunk", "lazy (× fwd+bwd)", "eager", "streaming only"], cost_rows
+    )
+    note = (
+        f"Totals from the minima above (steady K·v {steady:.2f}× for both). The lazy build "
+        f"pays off against streaming every product from the {even}-th K·v on a chunk; "
+        f"against eager, lazy saves {total_eager(1) - total_lazy(1):.1f}× when one K·v is "
+        f"all, and costs {total_lazy(2) - total_eager(2):.1f}× more for two or more (its "
+        "streamed first K·v, less the build's difference between the two runs)."
+    )
+    return f"{table}\n\n{cost}\n\n{note}", fig
 
 
 # ---------------------------------------------------------------------------- main
@@ -304,25 +435,32 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=512, help="N of the ResNet-style K·v")
     parser.add_argument("--n-dense", type=int, default=128, help="N of the dense K")
     parser.add_argument("--n18", type=int, default=32, help="N at ResNet-18 shape")
+    parser.add_argument(
+        "--n18-memory", type=int, default=1024, help="N of the ResNet-18 peak-memory runs"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument(
         "--engines",
         default=",".join(ENGINES),
-        help="comma-separated engines to time (auto is always timed)",
+        help="comma-separated engines to time (auto is always timed in the products tables; "
+        "in the lazy and memory sections only when listed)",
     )
     parser.add_argument(
         "--sections",
-        default="small,routes,resnet18,memory",
+        default="small,routes,resnet18,lazy,memory",
         help="comma-separated parts to run: small (ResNet-style products), routes, "
-        "resnet18, memory",
+        "resnet18, lazy, memory",
+    )
+    parser.add_argument(
+        "--memory-nets", default="resnet_small,resnet18", help="networks of the memory section"
     )
     parser.add_argument("--write", action="store_true", help="replace RESULTS.md's section")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.n, args.n_dense, args.n18 = 128, 32, 8
+        args.n, args.n_dense, args.n18, args.n18_memory = 128, 32, 8, 8
     engines = tuple(e for e in args.engines.split(",") if e)
     sections = set(args.sections.split(","))
     torch.set_num_threads(args.threads)
@@ -353,10 +491,20 @@ def main(argv=None) -> None:
         print(out[-1], flush=True)
     if "resnet18" in sections:
         resnet18_section(args, dev, engines, out, figures)
+    if "lazy" in sections:
+        for label, params in (
+            ("every parameter", None),
+            ("conv/linear only", factored_weights(net)),
+        ):
+            table, fig = lazy_table(net, X, params, args.repeats, dev, "auto" in engines)
+            figures[f"lazy resnet_small, {label}"] = fig
+            out.append(f"### Lazy factors, ResNet-style CNN, {label}\n\n{table}")
+            print(out[-1], flush=True)
     if "memory" in sections and not args.skip_memory:
-        whats = ("forward+backward", *engines, "torch.func vjp+jvp")
-        for name, n in (("resnet_small", args.n), ("resnet18", args.n18)):
-            table, res = memory_table(name, n, dev, whats)
+        for name, n in (("resnet_small", args.n), ("resnet18", args.n18_memory)):
+            if name not in args.memory_nets.split(","):
+                continue
+            table, res = memory_table(name, n, dev, memory_whats(engines))
             figures[f"memory {name}"] = res
             out.append(f"### Peak memory, {name}\n\n{table}")
             print(out[-1], flush=True)
@@ -376,7 +524,8 @@ def resnet18_section(args, dev: str, engines: tuple, out: list, figures: dict) -
     reps = max(1, args.repeats - 1)
     table, fig = products_table(net18, X18, None, None, reps, dev, False, engines)
     lin = Linearization(net18, implementation="structured")
-    lin.ntk_mvm(X18, X18, torch.randn(args.n18 * 10, 1, device=dev))
+    for _ in range(2):  # the second K·v builds the factors (when they fit in the budget)
+        lin.ntk_mvm(X18, X18, torch.randn(args.n18 * 10, 1, device=dev))
     held = lin.engine.cache.nbytes
     jac = args.n18 * 10 * P18 * 4
     note = (

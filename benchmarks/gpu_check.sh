@@ -22,3 +22,11 @@ timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/bench_precond.py --device cud
 timeout "${BENCH_CONV_TIMEOUT:-420}" python3 benchmarks/bench_conv.py --device cuda \
     --n 512 --n-dense 256 --n18 1024 --json "$out/bench_conv_cuda.json" 2>&1 |
     tee "$out/bench_conv_cuda.log"
+# 4. end to end at N = 10⁵: NTKGPRegression (CG) fitted, posterior mean and variances at
+#    10⁴ test points, for the MLP of step 2 and the ResNet-style CNN (one output)
+timeout "${E2E_MLP_TIMEOUT:-300}" python3 benchmarks/bench_e2e.py --device cuda --networks mlp \
+    --n 100000 --m 10000 --csv .benchdata/diamonds.csv --no-progress \
+    --json "$out/bench_e2e_mlp_cuda.json" 2>&1 | tee "$out/bench_e2e_mlp_cuda.log"
+timeout "${E2E_CNN_TIMEOUT:-420}" python3 benchmarks/bench_e2e.py --device cuda --networks cnn \
+    --n 100000 --m 10000 --chunk-size 25000 --no-progress \
+    --json "$out/bench_e2e_cnn_cuda.json" 2>&1 | tee "$out/bench_e2e_cnn_cuda.log"

@@ -14,6 +14,8 @@ from pyro_ntk.linearization import NTKImplementation as NTKImplementation
 from pyro_ntk.means import NetworkMean as NetworkMean
 from pyro_ntk.models.classification import gp_class_probabilities as gp_class_probabilities
 from pyro_ntk.models.classification import ntk_gp_classifier as ntk_gp_classifier
+from pyro_ntk.models.integrated import HyperparameterMixture as HyperparameterMixture
+from pyro_ntk.models.integrated import integrate_hyperparameters as integrate_hyperparameters
 from pyro_ntk.models.linearized import LinearizedModel as LinearizedModel
 from pyro_ntk.models.regression import NTKGPRegression as NTKGPRegression
 from pyro_ntk.operators import FisherLinearOperator as FisherLinearOperator
@@ -40,6 +42,7 @@ __all__ = [
     "EmpiricalNTK",
     "FisherLinearOperator",
     "FitResult",
+    "HyperparameterMixture",
     "FisherPreconditioner",
     "JacobianLinearOperator",
     "Linearization",
@@ -57,6 +60,7 @@ __all__ = [
     "cross_validate_temperature",
     "fit",
     "gp_class_probabilities",
+    "integrate_hyperparameters",
     "ntk_gp_classifier",
     "make_preconditioner",
 ]

@@ -185,6 +185,17 @@ def walk_ntk_gp_regression(net):
     assert isinstance(cg.last_solve, pyro_ntk.SolverDiagnostics)
 
 
+def walk_integrate_hyperparameters(net):
+    X = _data()
+    model = pyro_ntk.NTKGPRegression(X, torch.randn(8), net)
+    bayes = pyro_ntk.integrate_hyperparameters(model, points=11)
+    assert isinstance(bayes, pyro_ntk.HyperparameterMixture)
+    Xs = _data(3)
+    bayes(Xs)
+    bayes.log_prob(Xs, torch.randn(3))
+    bayes.cdf(Xs, torch.randn(3))
+
+
 def _linearized_regression(net):
     """Data and a Pyro model with a LinearizedModel inside (Gaussian likelihood)."""
     lm = pyro_ntk.LinearizedModel(net, variance=0.5)
@@ -280,6 +291,8 @@ WALKS = {
     "NTKKernel": (walk_ntk_kernel, 1),
     "LinearizedNetwork": (walk_linearized_network, 2),
     "NTKGPRegression": (walk_ntk_gp_regression, 1),
+    "integrate_hyperparameters": (walk_integrate_hyperparameters, 1),
+    "HyperparameterMixture": (walk_integrate_hyperparameters, 1),
     "LinearizedModel": (walk_linearized_model, 1),
     "fit": (walk_fit, 1),
     "LinearizedLaplace": (walk_linearized_laplace, 3),

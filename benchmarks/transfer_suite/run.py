@@ -39,7 +39,8 @@ from transfer_suite.tasks import TASKS, load_task, make_draw  # noqa: E402
 ALL = {**baselines.METHODS, **laplace_torch.METHODS, **ntk.METHODS}
 BY_KIND = {
     "regression": ["source", "fine_tune", "last_layer", "ablr", "rbf_gp", "la_last_layer",
-                   "la_kfac", "ensemble", "ntk_gp", "ntk_gp_floor", "ntk_gp_layers"],
+                   "la_kfac", "ensemble", "ntk_gp", "ntk_gp_bayes", "ntk_gp_floor",
+                   "ntk_gp_layers"],
     "classification": ["source", "fine_tune", "last_layer", "la_last_layer", "la_kfac",
                        "ensemble", "lin_laplace", "lin_laplace_t"],
     "count": ["source", "fine_tune", "last_layer", "ensemble", "lin_laplace", "lin_svi"],
@@ -54,6 +55,8 @@ def score(kind: str, pred: dict, y) -> dict:
         return scores.classification_scores(pred["probs"], y)
     if kind == "count":
         return scores.count_scores(pred["rates"], y)
+    if "mixture" in pred:
+        return scores.mixture_scores(*pred["mixture"], y)
     return scores.gaussian_scores(pred["mean"], pred["var"], y)
 
 
@@ -127,6 +130,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out-dir", default=str(HERE.parent / "_out"))
     p.add_argument("--write", action="store_true", help="replace RESULTS.md's section")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="report the rows of an earlier run's JSON instead of running")  # fmt: skip
     args = p.parse_args(argv)
     tasks = args.tasks or (QUICK_TASKS if args.quick else list(TASKS))
     draws = args.draws or (QUICK_DRAWS if args.quick else 5)
@@ -135,30 +140,43 @@ def main(argv=None) -> dict:
         methods = [m for m in methods if m not in laplace_torch.METHODS]
         print("note: laplace-torch is not installed: its rows are skipped (install it as "
               "benchmarks/requirements-bench.txt says, with --no-deps)")  # fmt: skip
-    t0 = time.perf_counter()
-    with run_settings(1, dtype=torch.float64, module_local_params=None):
-        rows = run(tasks, methods, draws, progress=not args.no_progress)
-    total = time.perf_counter() - t0
+    from _common import machine, write_section
+
+    command = f"python benchmarks/transfer_suite/run.py {' '.join(argv or sys.argv[1:])}".strip()
+    where = machine()
+    if args.from_json is not None:
+        saved = json.loads(args.from_json.read_text())
+        rows, total = saved["rows"], saved["total_s"]
+        draws = max(r["draw"] for r in rows) + 1
+        tasks = list(dict.fromkeys(r["task"] for r in rows))
+        command = saved.get("command", "python benchmarks/transfer_suite/run.py")
+        where = saved.get("machine", f"{where} (when reported; the run's line was not saved)")
+    else:
+        t0 = time.perf_counter()
+        with run_settings(1, dtype=torch.float64, module_local_params=None):
+            rows = run(tasks, methods, draws, progress=not args.no_progress)
+        total = time.perf_counter() - t0
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target_text, summary = report.targets(rows)
     body = (
-        f"Command: `python benchmarks/transfer_suite/run.py {' '.join(argv or sys.argv[1:])}` "
+        f"Command: `{command}` "
         f"({total:.0f} s, one thread).\n\n### Tasks\n\n{tasks_table(tasks)}\n\n"
         f"### Results (mean ± sd over {draws} draws; bold: best mean NLL of the cell)\n\n"
         f"{report.results_table(rows)}\n\n### Paired win / tie / loss on NLL over draws "
         f"(tie: |mean difference| ≤ one paired standard error), counted over cells\n\n"
-        f"{report.wtl_table(rows)}\n\n### Targets\n\n{target_text}\n"
+        f"{report.wtl_table(rows)}\n\n### Targets\n\n{target_text}\n\n### Figure\n\n"
+        f"`transfer_suite_nll.png` in the output directory; the docs' copy (of the full run):\n\n"
+        f"![Test NLL per task and method](../docs/_static/transfer_suite_nll.png)\n"
     )
     (out / "transfer_suite.md").write_text(body)
-    (out / "transfer_suite.json").write_text(json.dumps({"rows": rows, "total_s": total}, indent=1))
+    saved = {"rows": rows, "total_s": total, "command": command, "machine": where}
+    (out / "transfer_suite.json").write_text(json.dumps(saved, indent=1))
     report.nll_figure(rows, out / "transfer_suite_nll.png")
     print(body)
     print(f"total {total:.0f} s; wrote {out}/transfer_suite.{{md,json}} and transfer_suite_nll.png")
     if args.write:
-        from _common import machine, write_section
-
-        write_section("Transfer suite", f"Machine: {machine()}.\n\n" + body)
+        write_section("Transfer suite", f"Machine: {where}.\n\n" + body)
     return {"rows": rows, "summary": summary, "total_s": total}
 
 

@@ -4,6 +4,11 @@ r"""Scores of one predictive, and the paired win/tie/loss rule over draws.
 ``½ log(2πv) + (y − μ)²/(2v)``, and the coverage of the central 95 % interval
 ``|y − μ| ≤ 1.96 √v``.
 
+A Gaussian **mixture** (weights ``w_g``, means ``μ_g``, variances ``v_g``): RMSE of the
+mixture mean ``Σ w_g μ_g``, mean NLL ``−log Σ_g w_g N(y; μ_g, v_g)``, and the coverage of
+the central 95 % interval, ``0.025 ≤ Σ_g w_g Φ((y − μ_g)/√v_g) ≤ 0.975`` (for one
+component the same as the Gaussian rule).
+
 **Classification** (probabilities ``p`` ``(n, C)``): accuracy, mean NLL ``−log p_y``
 (probabilities floored at 10⁻¹²) and the expected calibration error with 15 equal-width
 confidence bins, ``ECE = Σ_b (n_b / n) |acc_b − conf_b|``.
@@ -44,6 +49,20 @@ def gaussian_scores(mean: Tensor, var: Tensor, y: Tensor) -> dict[str, float]:
         "rmse": float(err.square().mean().sqrt()),
         "nll": float(nll.mean()),
         "coverage": float((err.abs() <= Z95 * var.sqrt()).double().mean()),
+    }
+
+
+def mixture_scores(weights: Tensor, means: Tensor, var: Tensor, y: Tensor) -> dict[str, float]:
+    """RMSE, NLL and 95 % coverage of ``Σ_g w_g N(means_g, var_g)``: ``(g,)``, ``(g, n)``, ``(g, n)``."""
+    w = weights.detach().reshape(-1, 1)
+    means, var, y = means.detach(), var.detach(), y.reshape(1, -1)
+    log_n = -0.5 * (torch.log(2 * math.pi * var) + (y - means).square() / var)
+    cdf = (w * torch.special.ndtr((y - means) / var.sqrt())).sum(0)
+    lo = (1 - 0.95) / 2
+    return {
+        "rmse": float((y[0] - (w * means).sum(0)).square().mean().sqrt()),
+        "nll": float(-torch.logsumexp(log_n + w.log(), 0).mean()),
+        "coverage": float(((cdf >= lo) & (cdf <= 1 - lo)).double().mean()),
     }
 
 

@@ -7,9 +7,13 @@ r"""The function-space Gaussian of a linearized network, below the Pyro layer.
 * :mod:`pyro_ntk.gp.log_density`: the log-density by Cholesky or by mBCG + SLQ, escalated.
 * :mod:`pyro_ntk.gp.spectral`: the dense log-density from one eigendecomposition of ``K``.
 * :mod:`pyro_ntk.gp.posterior`: mean, variances, covariance and pathwise draws at test inputs.
+* :mod:`pyro_ntk.gp.hyperposterior`: σ² and s² integrated out on a grid, the predictive mixture.
 * :mod:`pyro_ntk.gp.initial`: data-aware starting values of ``s²`` and ``σ²``.
 """
 
+from pyro_ntk.gp.hyperposterior import GridPosterior as GridPosterior
+from pyro_ntk.gp.hyperposterior import grid_posterior as grid_posterior
+from pyro_ntk.gp.hyperposterior import mixture_moments as mixture_moments
 from pyro_ntk.gp.initial import initial_hyperparameters as initial_hyperparameters
 from pyro_ntk.gp.log_density import cholesky_log_prob as cholesky_log_prob
 from pyro_ntk.gp.log_density import linear_operator_settings as linear_operator_settings
@@ -27,6 +31,7 @@ from pyro_ntk.gp.system import NTKSystem as NTKSystem
 
 __all__ = [
     "ESCALATION_RANK_FACTOR",
+    "GridPosterior",
     "KernelSpectrum",
     "NTKSystem",
     "add_noise",
@@ -34,9 +39,11 @@ __all__ = [
     "cholesky_posterior",
     "conditional_covariance",
     "explained_covariance",
+    "grid_posterior",
     "initial_hyperparameters",
     "linear_operator_settings",
     "mbcg_log_prob",
+    "mixture_moments",
     "pathwise_covariance",
     "pathwise_posterior",
     "spectral_log_prob",

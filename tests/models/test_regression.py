@@ -425,3 +425,49 @@ def test_bad_noise_floor_is_named(kwargs, error, match):
     X = torch.linspace(-2, 2, 6).unsqueeze(-1)
     with pytest.raises(error, match=match):
         NTKGPRegression(X, torch.sin(X).squeeze(-1), mlp(d_in=1), **kwargs)
+
+
+# ------------------------------------------------------------------ layer shrinkage
+def test_layer_shrinkage_factor_is_the_hierarchical_log_prior():
+    net = mlp(d_out=2)
+    X, y = torch.randn(7, 2), torch.randn(7, 2)
+    variance = torch.tensor([0.3, 2.0])
+    common = dict(noise=torch.tensor(0.2), variance=variance, layer_variances=True)
+    shrunk = NTKGPRegression(X, y, net, layer_shrinkage=0.5, **common)
+    tr = pyro.poutine.trace(shrunk.model).get_trace()
+    tr.compute_log_prob()
+    dev = variance.log() - variance.log().mean()
+    want = -0.5 * dev.square().sum() / 0.5**2
+    torch.testing.assert_close(tr.nodes["layer_shrinkage"]["log_prob_sum"], want)
+    K = reference_ntk(net, X, scale=group_scale(net, variance)) + (0.2 + 1e-6) * torch.eye(14)
+    ref = torch.distributions.MultivariateNormal(reference_output(net, X).reshape(-1), K)
+    torch.testing.assert_close(tr.nodes["y"]["log_prob"], ref.log_prob(y.reshape(-1)))
+    plain = NTKGPRegression(X, y, net, **common)  # off by default
+    assert plain.layer_shrinkage is None
+    assert "layer_shrinkage" not in pyro.poutine.trace(plain.model).get_trace().nodes
+    one = NTKGPRegression(X, y, net, noise=torch.tensor(0.2))  # one σ²: no factor
+    assert "layer_shrinkage" not in pyro.poutine.trace(one.model).get_trace().nodes
+
+
+def test_layer_shrinkage_keeps_few_target_variances_together():
+    from pyro_ntk import fit
+
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    X = torch.randn(10, 2)
+    y = torch.sin(2 * X[:, 0]) + 0.3 * torch.randn(10)
+    spread = {}
+    for tau in (None, 1.0, 0.1):
+        pyro.clear_param_store()
+        model = NTKGPRegression(X, y, net, layer_variances=True, layer_shrinkage=tau)
+        fit(model, progress=False)
+        log_v = model.variance.detach().log()
+        spread[tau] = float((log_v - log_v.mean()).abs().max())
+    assert spread[0.1] < spread[1.0] < spread[None]
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), "wide", True])
+def test_bad_layer_shrinkage_is_named(bad):
+    X = torch.linspace(-2, 2, 6).unsqueeze(-1)
+    with pytest.raises(ValueError, match=r"layer_shrinkage must be a float > 0 or None, got"):
+        NTKGPRegression(X, torch.sin(X).squeeze(-1), mlp(d_in=1), layer_shrinkage=bad)
