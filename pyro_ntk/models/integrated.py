@@ -20,6 +20,7 @@ Needs the dense kernel (``N·O`` up to a few thousand; one eigendecomposition, s
 model's spectral route) and one σ² (``layer_variances=False``).
 
 Example:
+    >>> _ = torch.manual_seed(0)
     >>> net = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     >>> net = net.double()
     >>> X = torch.linspace(-1, 1, 10, dtype=torch.float64).unsqueeze(-1)
@@ -58,6 +59,7 @@ class HyperparameterMixture:
 
     def __init__(self, model: NTKGPRegression, posterior: GridPosterior):
         self.model, self.posterior = model, posterior
+        self._data = (model.X, model.y)  # the data the weights were computed from
 
     @property
     def variance(self) -> Tensor:
@@ -82,6 +84,11 @@ class HyperparameterMixture:
         ``diag K(Xnew)`` and :func:`~pyro_ntk.gp.hyperposterior.mixture_moments`.
         """
         model = self.model
+        if model.X is not self._data[0] or model.y is not self._data[1]:
+            raise ValueError(
+                "HyperparameterMixture: the model's data changed (set_data) after "
+                "integrate_hyperparameters; integrate again for the new data."
+            )
         lin = model.linearization
         Xnew = lin.check_inputs("HyperparameterMixture", "Xnew", Xnew)
         model._check_Xnew_shape(Xnew)

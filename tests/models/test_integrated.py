@@ -185,3 +185,6 @@ def test_bad_input():
     assert isinstance(mix, HyperparameterMixture)
     with pytest.raises(ValueError, match=r"ynew has shape \(3,\); expected \(2,\)"):
         mix.log_prob(torch.randn(2, 2), torch.randn(3))
+    model.set_data(X, y + 1.0)
+    with pytest.raises(ValueError, match="data changed"):
+        mix(torch.randn(2, 2))
