@@ -82,6 +82,16 @@ CASES: list[Case] = [
 CASE_IDS = [c.name for c in CASES]
 
 
+def set_running_stats(net: nn.Module) -> nn.Module:
+    """Give every BatchNorm non-trivial running statistics, so eval mode matters."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return net
+
+
 def group_scale(net: nn.Module, values: torch.Tensor) -> torch.Tensor:
     """Per-parameter σ² from per-layer values (groups = owning modules, in order)."""
     layers, out = [], []

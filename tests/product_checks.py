@@ -9,16 +9,6 @@ from torch.func import functional_call, jacrev
 from pyro_ntk import Linearization
 
 
-def with_bn_statistics(net: nn.Sequential) -> nn.Module:
-    """``net`` in eval mode, its BatchNorm layers given non-trivial running statistics."""
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return net.eval()
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """``max |a − b| / max |b|``."""
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))

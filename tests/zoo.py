@@ -38,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from networks import Case
+from networks import Case, set_running_stats
 from torch import Tensor, nn
 
 T = 3
@@ -66,16 +66,6 @@ def _tab(d: int = 3):
 
 def _img(c: int, h: int, w: int | None = None):
     return lambda n: torch.randn(n, c, h, h if w is None else w)
-
-
-def _set_running_stats(net: nn.Module) -> nn.Module:
-    """Give every BatchNorm non-trivial running statistics, so eval mode matters."""
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return net
 
 
 # ---------------------------------------------------------------------- sequences
@@ -276,7 +266,7 @@ def _pools() -> nn.Module:
 # ---------------------------------------------------------------------- normalization
 def _batchnorm1d() -> nn.Module:
     net = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
-    return _set_running_stats(net)
+    return set_running_stats(net)
 
 
 def _conv_norm(norm: nn.Module) -> nn.Module:
@@ -318,7 +308,7 @@ def _resnet() -> nn.Module:
         nn.Flatten(),
         nn.Linear(4, 1),
     )
-    return _set_running_stats(net)
+    return set_running_stats(net)
 
 
 # ---------------------------------------------------------------------- other
@@ -459,7 +449,7 @@ ZOO: list[ZooCase] = [
     ZooCase("batchnorm1d", _batchnorm1d, _tab(3), inner=(8,)),
     ZooCase(
         "batchnorm2d",
-        lambda: _set_running_stats(_conv_norm(nn.BatchNorm2d(4))),
+        lambda: set_running_stats(_conv_norm(nn.BatchNorm2d(4))),
         _img(1, 5),
         inner=(4,),
     ),

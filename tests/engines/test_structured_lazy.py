@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from product_checks import jacrev_jacobian, rel_err, with_bn_statistics
+from networks import set_running_stats
+from product_checks import jacrev_jacobian, rel_err
 from torch import nn
 
 import pyro_ntk._engines.structured.engine as engine_mod
@@ -31,7 +32,7 @@ def small_cnn() -> nn.Module:
         nn.Flatten(),
         nn.Linear(4, 3),
     )
-    return with_bn_statistics(net)
+    return set_running_stats(net).eval()
 
 
 @pytest.fixture
