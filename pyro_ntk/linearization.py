@@ -263,7 +263,11 @@ class Linearization(ChunkedProducts):
     def ntk_dense(
         self, X1: Tensor, X2: Tensor | None = None, variance: Tensor | float | None = None
     ) -> Tensor:
-        """Dense K(X1, X2), shape ``(N1·O, N2·O)``, built chunk by chunk (small problems)."""
+        """Dense K(X1, X2), shape ``(N1·O, N2·O)``, built chunk by chunk (small problems).
+
+        With ``X2`` omitted, only the chunk blocks on and above the diagonal are computed and
+        the others are their transposes (K exactly symmetric, about half the products).
+        """
         where = "Linearization.ntk_dense"
         X1 = self.check_inputs(where, "X1", X1)
         same = X2 is None
@@ -272,16 +276,17 @@ class Linearization(ChunkedProducts):
         n1, n2 = X1.shape[0] * self._gate.output_dim, X2.shape[0] * self._gate.output_dim
         self.check_dense_memory(where, f"K of shape (N1·O, N2·O) = ({n1}, {n2})", n1 * n2)
         self._gate.prove_dense(where, X1, X2)
+        chunks1, chunks2 = list(self.chunks(X1.shape[0])), list(self.chunks(X2.shape[0]))
         with eval_mode(self.network):
-            rows = []
-            for c1 in self.chunks(X1.shape[0]):
+            rows: list[list[Tensor]] = []
+            for i, c1 in enumerate(chunks1):
                 A = X1[c1]
-                blocks = [
-                    self.engine.ntk_block(A, A if same and c1 == c2 else X2[c2], scale)
-                    for c2 in self.chunks(X2.shape[0])
-                ]
-                rows.append(torch.cat(blocks, dim=1))
-        return torch.cat(rows, dim=0)
+                rows.append([
+                    rows[j][i].transpose(0, 1) if same and j < i
+                    else self.engine.ntk_block(A, A if same and i == j else X2[c2], scale)
+                    for j, c2 in enumerate(chunks2)
+                ])  # fmt: skip
+        return torch.cat([torch.cat(blocks, dim=1) for blocks in rows], dim=0)
 
     def jacobian(self, X: Tensor) -> Tensor:
         """Dense Jacobian ``(N, O, P)`` (small problems and tests)."""

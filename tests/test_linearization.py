@@ -236,6 +236,8 @@ def check_chunked(setup, chunk_size):
     ]
     for call in pairs:
         assert_rel(call(chunked), call(whole))
+    K, c = chunked.ntk_dense(X1), chunk_size * O
+    assert torch.equal(K[:c, c:], K[c:, :c].T)  # blocks below the diagonal: transposes
     assert_unchanged(setup.net, setup.before)
 
 

@@ -40,7 +40,7 @@ ALL = {**baselines.METHODS, **laplace_torch.METHODS, **ntk.METHODS}
 BY_KIND = {
     "regression": ["source", "fine_tune", "last_layer", "ablr", "rbf_gp", "la_last_layer",
                    "la_kfac", "ensemble", "ntk_gp", "ntk_gp_bayes", "ntk_gp_floor",
-                   "ntk_gp_layers"],
+                   "ntk_gp_layers", "ntk_gp_layers_bayes"],
     "classification": ["source", "fine_tune", "last_layer", "la_last_layer", "la_kfac",
                        "ensemble", "lin_laplace", "lin_laplace_t"],
     "count": ["source", "fine_tune", "last_layer", "ensemble", "lin_laplace", "lin_svi"],

@@ -8,12 +8,16 @@ r"""The function-space Gaussian of a linearized network, below the Pyro layer.
 * :mod:`pyro_ntk.gp.spectral`: the dense log-density from one eigendecomposition of ``K``.
 * :mod:`pyro_ntk.gp.posterior`: mean, variances, covariance and pathwise draws at test inputs.
 * :mod:`pyro_ntk.gp.hyperposterior`: σ² and s² integrated out on a grid, the predictive mixture.
+* :mod:`pyro_ntk.gp.importance`: per-layer σ_g² and s² integrated out by importance sampling.
 * :mod:`pyro_ntk.gp.initial`: data-aware starting values of ``s²`` and ``σ²``.
 """
 
 from pyro_ntk.gp.hyperposterior import GridPosterior as GridPosterior
 from pyro_ntk.gp.hyperposterior import grid_posterior as grid_posterior
 from pyro_ntk.gp.hyperposterior import mixture_moments as mixture_moments
+from pyro_ntk.gp.importance import SamplePosterior as SamplePosterior
+from pyro_ntk.gp.importance import sample_moments as sample_moments
+from pyro_ntk.gp.importance import sample_posterior as sample_posterior
 from pyro_ntk.gp.initial import initial_hyperparameters as initial_hyperparameters
 from pyro_ntk.gp.log_density import cholesky_log_prob as cholesky_log_prob
 from pyro_ntk.gp.log_density import linear_operator_settings as linear_operator_settings
@@ -34,6 +38,7 @@ __all__ = [
     "GridPosterior",
     "KernelSpectrum",
     "NTKSystem",
+    "SamplePosterior",
     "add_noise",
     "cholesky_log_prob",
     "cholesky_posterior",
@@ -46,5 +51,7 @@ __all__ = [
     "mixture_moments",
     "pathwise_covariance",
     "pathwise_posterior",
+    "sample_moments",
+    "sample_posterior",
     "spectral_log_prob",
 ]

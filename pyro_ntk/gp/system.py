@@ -127,7 +127,8 @@ class NTKSystem:
         """G, the number of parameter groups (layers)."""
         return len(self.lin.groups)
 
-    def _group_scales(self) -> list[Tensor]:
+    def group_scales(self) -> list[Tensor]:
+        """One-hot variance vectors ``e_g`` ``(G,)``: ``lin.ntk(..., variance=e_g)`` is layer g's kernel."""
         G = self.num_groups
         return [torch.eye(G, dtype=self.lin.dtype, device=self.lin.device)[g] for g in range(G)]
 
@@ -143,9 +144,17 @@ class NTKSystem:
                 self.where, f"{G} per-layer kernels of shape ({n}, {n})", G * n * n
             )
             self._K_groups = torch.stack(
-                [self.lin.ntk_dense(self.X, variance=s).detach() for s in self._group_scales()]
+                [self.lin.ntk_dense(self.X, variance=s).detach() for s in self.group_scales()]
             )
         return torch.einsum("...g,gij->...ij", variance, self._K_groups)
+
+    def group_kernels(self) -> Tensor:
+        """The per-layer kernels ``K_g(X, X)`` at ``σ_g² = 1``, ``(G, N·O, N·O)`` (cached)."""
+        if self._K_groups is None:
+            self.kernel(
+                torch.ones(self.num_groups, dtype=self.lin.dtype, device=self.lin.device), True
+            )
+        return self._K_groups
 
     def kernel_diag(self, variance: Tensor, layer: bool) -> Tensor:
         r"""Exact :math:`\mathrm{diag}\,\sigma^2 K(X, X)`, shape ``batch + (N·O,)``."""
@@ -154,7 +163,7 @@ class NTKSystem:
                 self._diag_groups = self._K.diagonal().unsqueeze(0)
             else:
                 self._diag_groups = torch.stack(
-                    [self.lin.ntk_diag(self.X, variance=s).detach() for s in self._group_scales()]
+                    [self.lin.ntk_diag(self.X, variance=s).detach() for s in self.group_scales()]
                 )
         groups = self._diag_groups
         if not layer:

@@ -17,7 +17,10 @@ integrated). With hundreds of labels the posterior concentrates and the mixture 
 :func:`pyro_ntk.fit`'s point estimate.
 
 Needs the dense kernel (``N·O`` up to a few thousand; one eigendecomposition, shared with the
-model's spectral route) and one σ² (``layer_variances=False``).
+model's spectral route). With ``layer_variances=True`` every layer's σ_g² is integrated too,
+by importance sampling (:mod:`pyro_ntk.gp.importance`; ``N·O`` up to a few hundred): on the
+suite's ten-label cells the fitted per-layer variances over-fit where the integrated ones
+keep their coverage.
 
 Example:
     >>> _ = torch.manual_seed(0)
@@ -40,31 +43,38 @@ import torch
 from torch import Tensor
 
 from pyro_ntk.gp.hyperposterior import GridPosterior, grid_posterior, mixture_moments
+from pyro_ntk.gp.importance import SamplePosterior, sample_moments, sample_posterior
 from pyro_ntk.models.regression import NTKGPRegression
 
 __all__ = ["HyperparameterMixture", "integrate_hyperparameters"]
 
 
 class HyperparameterMixture:
-    r"""The predictive of an :class:`~pyro_ntk.NTKGPRegression` with σ² and s² integrated out.
+    r"""The predictive of an :class:`~pyro_ntk.NTKGPRegression` with σ² (or σ_g²) and s² integrated out.
 
     Build it with :func:`integrate_hyperparameters`. Calling it gives the mixture's mean and
     variance; :meth:`log_prob` and :meth:`cdf` are the mixture's exact per-point density and
     distribution function (per output: marginals), :meth:`components` the mixture itself.
 
     Attributes:
-        posterior: the grid posterior (:class:`~pyro_ntk.gp.hyperposterior.GridPosterior`):
+        posterior: the grid posterior (:class:`~pyro_ntk.gp.hyperposterior.GridPosterior`),
+            or with layer variances the importance samples
+            (:class:`~pyro_ntk.gp.importance.SamplePosterior`, ``variance`` ``(S, G)``, ``ess``):
             kept ``variance``, ``noise``, ``weights``, ``log_evidence``.
     """
 
-    def __init__(self, model: NTKGPRegression, posterior: GridPosterior):
+    def __init__(self, model: NTKGPRegression, posterior: GridPosterior | SamplePosterior):
         self.model, self.posterior = model, posterior
         self._data = (model.X, model.y)  # the data the weights were computed from
+        self._last: tuple | None = None  # (Xnew, noiseless, components) of the latest call
 
     @property
     def variance(self) -> Tensor:
-        """The posterior mean of σ², ``Σ_g w_g σ_g²``."""
-        return (self.posterior.weights * self.posterior.variance).sum()
+        """The posterior mean of σ² (``(G,)``, one per layer, with layer variances)."""
+        w = self.posterior.weights
+        return (
+            w.reshape(-1, *([1] * (self.posterior.variance.dim() - 1))) * self.posterior.variance
+        ).sum(0)
 
     @property
     def noise(self) -> Tensor:
@@ -73,16 +83,23 @@ class HyperparameterMixture:
 
     @property
     def log_evidence(self) -> Tensor:
-        """``log p(y)`` with σ² and s² integrated over their prior."""
+        """``log p(y)`` with the hyperparameters integrated over their prior."""
         return self.posterior.log_evidence
 
     def components(self, Xnew: Tensor, noiseless: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """The mixture at ``Xnew``: ``(weights (g,), means (g, M, ...), variances (g, M, ...))``.
 
         Means and variances have the shape of the model's predictions (``(M,)`` or
-        ``(M, O)``) after the node dimension. Cost: one dense cross-kernel ``(M·O, N·O)``,
-        ``diag K(Xnew)`` and :func:`~pyro_ntk.gp.hyperposterior.mixture_moments`.
+        ``(M, O)``) after the node dimension. Cost: one dense cross-kernel ``(M·O, N·O)``
+        (one per layer with layer variances), ``diag K(Xnew)`` and
+        :func:`~pyro_ntk.gp.hyperposterior.mixture_moments` (or
+        :func:`~pyro_ntk.gp.importance.sample_moments`); the latest ``Xnew`` (the same
+        tensor object) is answered from a cache, so that ``__call__``, :meth:`log_prob` and
+        :meth:`cdf` on one test set cost one evaluation.
         """
+        last = self._last
+        if last is not None and last[0] is Xnew and last[1] == noiseless:
+            return last[2]
         model = self.model
         if model.X is not self._data[0] or model.y is not self._data[1]:
             raise ValueError(
@@ -96,15 +113,25 @@ class HyperparameterMixture:
         M, O = Xnew.shape[0], sysm.O
         with torch.no_grad():
             residual = (model.y.reshape(sysm.N, O) - model._mean_X).reshape(-1)
-            cross = lin.ntk_dense(Xnew, model.X)
-            prior = lin.ntk_diag(Xnew)
-            shift, var = mixture_moments(
-                sysm.spectrum(), residual, cross, prior, self.posterior,
-                noiseless=noiseless, jitter=model.jitter,
-            )  # fmt: skip
+            if isinstance(self.posterior, SamplePosterior):
+                scales = sysm.group_scales()
+                shift, var = sample_moments(
+                    sysm.group_kernels(),
+                    residual,
+                    torch.stack([lin.ntk_dense(Xnew, model.X, variance=s) for s in scales]),
+                    torch.stack([lin.ntk_diag(Xnew, variance=s) for s in scales]),
+                    self.posterior, noiseless=noiseless, jitter=model.jitter,
+                )  # fmt: skip
+            else:
+                shift, var = mixture_moments(
+                    sysm.spectrum(), residual, lin.ntk_dense(Xnew, model.X),
+                    lin.ntk_diag(Xnew), self.posterior, noiseless=noiseless, jitter=model.jitter,
+                )  # fmt: skip
             mean = model._mean(Xnew).reshape(1, M * O) + shift
         shape = (-1, M) if model._squeeze else (-1, M, O)
-        return self.posterior.weights, mean.reshape(shape), var.reshape(shape)
+        out = self.posterior.weights, mean.reshape(shape), var.reshape(shape)
+        self._last = (Xnew, noiseless, out)
+        return out
 
     def __call__(self, Xnew: Tensor, noiseless: bool = False) -> tuple[Tensor, Tensor]:
         r"""The mixture's mean and variance at ``Xnew`` (law of total variance).
@@ -153,12 +180,20 @@ def integrate_hyperparameters(
     points: int = 61,
     prior_variance: float | None = None,
     prior_noise: float | None = None,
+    samples: int = 4096,
+    seed: int = 0,
 ) -> HyperparameterMixture:
-    r"""Integrate σ² and s² of ``model`` out on a grid, under log-normal priors.
+    r"""Integrate σ² (or every layer's σ_g²) and s² of ``model`` out, under log-normal priors.
 
     The model's own ``noise`` and ``variance`` (fitted or not) play no part: the priors are
     centred at ``prior_variance`` and ``prior_noise`` (defaults: ``v / mean diag K`` and
-    ``v``, with ``v`` the mean square of ``y − m(X)``).
+    ``v``, with ``v`` the mean square of ``y − m(X)``). With one σ² the posterior is laid on
+    a product grid (:func:`~pyro_ntk.gp.hyperposterior.grid_posterior`); with
+    ``layer_variances=True`` every ``log σ_g²`` has the same prior (the kernel's prior median
+    is then the one-σ² model's) and the ``G + 1`` log-hyperparameters are importance-sampled
+    (:func:`~pyro_ntk.gp.importance.sample_posterior`: a Student-t about the posterior mode
+    mixed with the prior; the effective sample size is in ``posterior.ess`` and warns when
+    small).
 
     Args:
         model: an :class:`~pyro_ntk.NTKGPRegression` with targets and one σ².
@@ -170,33 +205,33 @@ def integrate_hyperparameters(
         prior_variance: the prior median of σ² (> 0), e.g. from a related task.
         prior_noise: the prior median of s² (> 0), e.g. the source network's validation
             residual variance.
+        samples: importance samples with layer variances (≥ 100; ignored otherwise).
+        seed: seed of the importance sampling (deterministic; ignored without layer variances).
 
     Returns:
         :class:`HyperparameterMixture`. Cost: the dense kernel and its eigendecomposition
-        (``O((N·O)³)``, made once per model) and ``O(points²·N·O)``.
+        (``O((N·O)³)``, made once per model) and ``O(points²·N·O)``; with layer variances the
+        ``G`` per-layer kernels and ``O(samples·(N·O)³)``.
 
     Raises:
-        TypeError, ValueError: naming the argument, for a model without targets, with layer
-        variances, or a bad width, span, points or prior median.
+        TypeError, ValueError: naming the argument, for a model without targets, or a bad
+        width, span, points, samples or prior median.
     """
     where = "integrate_hyperparameters"
     if not isinstance(model, NTKGPRegression):
         raise TypeError(f"{where}: model must be an NTKGPRegression, got {type(model).__name__}.")
     if model.y is None:
         raise ValueError(f"{where}: model has no targets; call model.set_data(X, y) first.")
-    if model.layer_variances:
-        raise ValueError(
-            f"{where}: model has layer_variances=True; the grid integrates one σ² and s² "
-            "(build the model with layer_variances=False)."
-        )
     for name, value, low in (("width", width, 0.0), ("span", span, 0.0)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
             raise ValueError(f"{where}: {name} must be a float > 0, got {value!r}.")
-    if isinstance(points, bool) or not isinstance(points, int) or points < 3:
-        raise ValueError(f"{where}: points must be an int >= 3, got {points!r}.")
+    for name, value, low in (("points", points, 3), ("samples", samples, 100)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{where}: {name} must be an int >= {low}, got {value!r}.")
     sysm = model._system
-    spectrum = sysm.spectrum()
-    if spectrum is None:
+    layers = model.layer_variances
+    spectrum = None if layers else sysm.spectrum()
+    if not layers and spectrum is None:
         raise ValueError(
             f"{where}: the kernel of the model's data is not positive semi-definite (see the "
             "warning above); the grid needs its eigendecomposition."
@@ -204,7 +239,10 @@ def integrate_hyperparameters(
     with torch.no_grad():
         residual = (model.y.reshape(sysm.N, sysm.O) - model._mean_X).reshape(-1)
         v = float(residual.square().mean())
-        k = float(spectrum.lam.sum()) / spectrum.n  # mean diag K = trace / n
+        if layers:  # mean diag K = trace / n
+            k = float(sysm.group_kernels().diagonal(dim1=-2, dim2=-1).sum()) / residual.numel()
+        else:
+            k = float(spectrum.lam.sum()) / spectrum.n
     centers = {}
     for name, given, default in (
         ("prior_variance", prior_variance, v / k if k > 0 else 0.0),
@@ -217,6 +255,13 @@ def integrate_hyperparameters(
             why = "" if given is not None else " (the targets equal the network's outputs: give it)"
             raise ValueError(f"{where}: {name} must be a float > 0, got {value!r}{why}.")
         centers[name] = float(value)
+    if layers:
+        post = sample_posterior(
+            sysm.group_kernels(), residual,
+            center_variance=centers["prior_variance"], center_noise=centers["prior_noise"],
+            width=float(width), samples=samples, seed=int(seed), jitter=model.jitter, where=where,
+        )  # fmt: skip
+        return HyperparameterMixture(model, post)
     post = grid_posterior(
         spectrum, residual,
         center_variance=centers["prior_variance"], center_noise=centers["prior_noise"],

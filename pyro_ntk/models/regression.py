@@ -86,7 +86,8 @@ class NTKGPRegression(GPModel):
             ``f`` then matches the residuals' mean square), the same value for every layer
             with ``layer_variances`` (so the kernel starts as with one σ²), 1 without ``y``.
         layer_variances: one σ_g² per parameter group (layer) of the linearization. With
-            few targets (≲ 50) one σ² is the safer choice, or ``layer_shrinkage``.
+            few targets (≲ 50) their type-II maximum likelihood over-fits: integrate them out
+            (:func:`pyro_ntk.integrate_hyperparameters`), or use one σ² or ``layer_shrinkage``.
         layer_shrinkage: τ > 0 of the hierarchical log-normal prior of the per-layer
             variances (MAP, with ``layer_variances``): :meth:`model` adds
             ``−½ Σ_g (log σ_g² − mean_g log σ_g²)² / τ²`` to the log-density (a

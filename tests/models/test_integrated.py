@@ -174,8 +174,8 @@ def test_bad_input():
     ]:
         with pytest.raises(ValueError, match=match):
             integrate_hyperparameters(model, **kwargs)
-    with pytest.raises(ValueError, match="layer_variances=True"):
-        integrate_hyperparameters(NTKGPRegression(X, y, net, layer_variances=True))
+    with pytest.raises(ValueError, match="samples must be an int >= 100, got 50"):
+        integrate_hyperparameters(model, samples=50)
     with pytest.raises(ValueError, match="no targets"):
         integrate_hyperparameters(NTKGPRegression(X, None, net))
     exact = NTKGPRegression(X, reference_output(net, X).reshape(-1), net, noise=0.1)
@@ -188,3 +188,67 @@ def test_bad_input():
     model.set_data(X, y + 1.0)
     with pytest.raises(ValueError, match="data changed"):
         mix(torch.randn(2, 2))
+
+
+@pytest.mark.parametrize("d_out", [1, 2])
+def test_layer_variances_mixture_equals_dense_reference(d_out):
+    """Per-layer σ_g² sampled: each sample's predictive by dense per-layer jacrev kernels."""
+    net = mlp(d_out)
+    X, y = data(9, d_out)
+    Xs = torch.randn(4, 2)
+    model = NTKGPRegression(X, y, net, layer_variances=True)
+    mix = integrate_hyperparameters(model, samples=300)
+    post = mix.posterior
+    assert post.variance.shape[1] == 2 and mix.variance.shape == (2,)
+    weights, means, var = mix.components(Xs)
+    names = [[n for n, _ in net.named_parameters() if n.startswith(p)] for p in ("0.", "2.")]
+    P = [sum(dict(net.named_parameters())[n].numel() for n in g) for g in names]
+    ones = [torch.cat([torch.full((p,), float(g == h)) for h, p in enumerate(P)]) for g in range(2)]
+    K = torch.stack([reference_ntk(net, X, scale=s) for s in ones])
+    Ksx = torch.stack([reference_ntk(net, Xs, X, scale=s) for s in ones])
+    Kss = torch.stack([reference_ntk(net, Xs, scale=s).diagonal() for s in ones])
+    r = y.reshape(-1) - reference_output(net, X).reshape(-1)
+    m_star = reference_output(net, Xs).reshape(-1)
+    n = r.shape[0]
+    for s in (0, len(weights) // 2, len(weights) - 1):
+        v, s2 = post.variance[s], post.noise[s]
+        A = torch.einsum("g,gij->ij", v, K) + (s2 + model.jitter) * torch.eye(n)
+        C = torch.einsum("g,gij->ij", v, Ksx)
+        mean = m_star + C @ torch.linalg.solve(A, r)
+        vs = v @ Kss - (C @ torch.linalg.solve(A, C.T)).diagonal() + s2
+        torch.testing.assert_close(means[s].reshape(-1), mean, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(var[s].reshape(-1), vs, rtol=1e-8, atol=1e-10)
+
+
+def test_layer_variances_narrow_prior_is_the_fixed_hyperparameter_gp():
+    net = mlp()
+    X, y = data(10)
+    Xs = torch.randn(4, 2)
+    model = NTKGPRegression(X, y, net, layer_variances=True)
+    mix = integrate_hyperparameters(
+        model, width=1e-7, prior_variance=0.3, prior_noise=0.05, samples=200
+    )
+    fixed = NTKGPRegression(X, y, net, noise=0.05, variance=0.3, layer_variances=True)
+    with torch.no_grad():
+        mean, var = fixed(Xs, noiseless=False)
+    torch.testing.assert_close(mix(Xs)[0], mean, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(mix(Xs)[1], var, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(mix.variance, torch.full((2,), 0.3), rtol=1e-5, atol=0.0)
+
+
+def test_components_of_the_same_inputs_are_computed_once(monkeypatch):
+    net = mlp()
+    X, y = data(9)
+    Xs = torch.randn(4, 2)
+    mix = integrate_hyperparameters(NTKGPRegression(X, y, net))
+    calls = []
+    lin = mix.model.linearization
+    original = lin.ntk_dense
+    monkeypatch.setattr(lin, "ntk_dense", lambda *a, **k: calls.append(1) or original(*a, **k))
+    mean, var = mix(Xs)
+    ys = torch.randn(4)
+    mix.log_prob(Xs, ys), mix.cdf(Xs, ys)
+    assert len(calls) == 1
+    mix(Xs.clone())  # another tensor: computed again, the same numbers
+    assert len(calls) == 2
+    torch.testing.assert_close(mix(Xs.clone())[1], var, rtol=0, atol=0)
