@@ -21,7 +21,9 @@ from initial values scaled to the data). The script prints the fitted
 \operatorname{tr} J_h J_h^\top` (what :meth:`pyro_ntk.EmpiricalNTK.layer_contributions`
 computes), beside the shares before fitting (all :math:`\sigma_g^2 = 1`), and draws both
 with :func:`pyro_ntk.plot.layer_variances` into ``OUT_DIR/layer_relevance.png`` (default
-``outputs/``).
+``outputs/``). It also integrates every :math:`\sigma_g^2` and the noise out
+(:func:`pyro_ntk.integrate_hyperparameters` on the same model) and prints each share's
+posterior mean ± standard deviation: how sure 40 points make us of the answer.
 
 Run: ``python examples/layer_relevance.py [--out-dir DIR] [--quick] [--no-progress]``.
 ``--quick`` trains the source network for 1000 Adam steps instead of 3000 (a few seconds;
@@ -42,7 +44,7 @@ import pyro  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from pyro_ntk import NTKGPRegression, fit  # noqa: E402
+from pyro_ntk import NTKGPRegression, fit, integrate_hyperparameters  # noqa: E402
 from pyro_ntk.datasets import SineTask  # noqa: E402
 from pyro_ntk.demo import make_network, run_settings, train_mse  # noqa: E402
 from pyro_ntk.options import SolverOptions  # noqa: E402
@@ -59,8 +61,8 @@ def trace_shares(gp: NTKGPRegression, X: torch.Tensor, variance: torch.Tensor) -
     per_group = torch.zeros(len(lin.groups), dtype=sq.dtype).index_add_(
         0, lin.space.group_index(), sq
     )
-    weighted = per_group * variance
-    return weighted / weighted.sum()
+    weighted = per_group * variance  # (G,) or, for several variance vectors, (S, G)
+    return weighted / weighted.sum(-1, keepdim=True)
 
 
 def fit_layer_variances(net, X, y, progress: bool, desc: str):
@@ -122,11 +124,20 @@ def _run(source_steps: int, out_dir: str, seed: int, progress: bool):
         variance = gp.variance.detach()
         before = trace_shares(gp, X, torch.ones_like(variance))
         after = trace_shares(gp, X, variance)
+        # the same model with every σ_g² and s² integrated out: the posterior of the shares
+        post = integrate_hyperparameters(gp).posterior
+        samples = trace_shares(gp, X, post.variance)  # (S, G)
+        w = post.weights[:, None]
+        share_mean = (w * samples).sum(0)
+        share_sd = (w * (samples - share_mean).square()).sum(0).sqrt()
         groups = gp.linearization.groups
         results[name] = {
             "variances": {g: float(v) for g, v in zip(groups, variance)},
             "shares": {g: float(c) for g, c in zip(groups, after)},
             "shares_before": {g: float(c) for g, c in zip(groups, before)},
+            "shares_integrated": {
+                g: (float(m), float(sd)) for g, m, sd in zip(groups, share_mean, share_sd)
+            },
             "noise": float(gp.noise.detach()),
             "losses": result.losses,
             "converged": result.converged,
@@ -136,11 +147,13 @@ def _run(source_steps: int, out_dir: str, seed: int, progress: bool):
             f"s2 = {float(gp.noise.detach()):.2e} (true {noise_std**2:.1e}); "
             f"loss {result.losses[0]:.1f} -> {result.losses[-1]:.1f} in {result.steps} "
             f"{result.method} steps",
-            f"{'layer':<18}{'sigma_g^2':>12}{'share before':>14}{'share fitted':>14}",
+            f"{'layer':<18}{'sigma_g^2':>12}{'share before':>14}{'share fitted':>14}"
+            f"{'share integrated':>20}",
         ]
-        for g, v, c0, c in zip(groups, variance, before, after):
+        for g, v, c0, c, m, sd in zip(groups, variance, before, after, share_mean, share_sd):
             lines.append(
                 f"{LAYER_NAMES.get(g, g):<18}{float(v):>12.3e}{float(c0):>14.3f}{float(c):>14.3f}"
+                f"{float(m):>13.3f} ± {float(sd):.3f}"
             )
         tqdm.write("\n".join(lines))
 

@@ -71,6 +71,12 @@ def test_layer_relevance_smoke(tmp_path, capsys):
     # built to know: a new readout moves the last layer, an input warp the first
     shares = {name: r["shares"] for name, r in out["results"].items()}
     assert shares["new readout"]["4"] > 0.9 and shares["input warp"]["0"] > 0.9
+    # integrated out, the posterior mean of the shares still names the layer, with its sd
+    for name, layer in (("new readout", "4"), ("input warp", "0")):
+        integrated = out["results"][name]["shares_integrated"]
+        assert sum(m for m, _ in integrated.values()) == pytest.approx(1.0)
+        assert all(sd >= 0 for _, sd in integrated.values())
+        assert max(integrated, key=lambda g: integrated[g][0]) == layer
 
 
 def test_linearization_quality_smoke(tmp_path, capsys):
