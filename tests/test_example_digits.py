@@ -1,23 +1,14 @@
 """Smoke test of examples/digits_transfer.py: its quick mode, end to end, at reduced budgets."""
 
-import importlib.util
 import math
 import pathlib
 
 import pytest
-
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "digits_transfer.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("digits_transfer", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from example_modules import load_example
 
 
 def test_digits_transfer_smoke(tmp_path, capsys):
-    digits_transfer = load_example()
+    digits_transfer = load_example("digits_transfer")
     assert digits_transfer.QUICK.ks == (5,) and digits_transfer.QUICK.seeds <= 2
     # quick mode (k = 5) at the smallest budgets, one draw, 120 test images: a few seconds.
     # lin. SVI runs fit with a step budget (10 steps here): fit says it stopped unconverged
@@ -42,7 +33,7 @@ def test_digits_transfer_smoke(tmp_path, capsys):
 
 
 def test_digits_transfer_sizes():
-    digits_transfer = load_example()
+    digits_transfer = load_example("digits_transfer")
     full, quick = digits_transfer.FULL, digits_transfer.QUICK
     assert (full.seeds, full.ks, full.svi_steps, full.cv_folds) == (10, (1, 5, 10), 200, 5)
     # quick mode: fewer draws, the same methods and budgets

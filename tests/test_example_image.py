@@ -1,21 +1,13 @@
 """Smoke test of examples/image_transfer.py: a ResNet-style CNN end to end, at tiny sizes."""
 
-import importlib.util
 import math
 import pathlib
 
-EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "image_transfer.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("image_transfer", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from example_modules import load_example
 
 
 def test_image_transfer_smoke(tmp_path):
-    image_transfer = load_example()
+    image_transfer = load_example("image_transfer")
     # k = 1 (no temperature CV), one draw, one source epoch, 60 test images; main asserts the
     # source network's state is unchanged after every method ran on it
     out = image_transfer.main(quick=True, out_dir=str(tmp_path), progress=False, seeds=1,

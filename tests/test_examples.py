@@ -4,21 +4,12 @@
 The digits example has its own file, tests/test_example_digits.py.
 """
 
-import importlib.util
 import math
 import pathlib
 
 import pytest
 import torch
-
-EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from example_modules import load_example as load
 
 
 @pytest.fixture

@@ -13,13 +13,33 @@ route of :class:`~pyro_ntk.LinearizedLaplace` (:mod:`pyro_ntk.laplace.kernel`).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from pyro_ntk.laplace.route import LaplaceProblem
 
-__all__ = ["FunctionSpaceMAP", "block_left", "block_sandwich"]
+__all__ = ["CrossMoments", "FunctionSpaceMAP", "block_left", "block_sandwich"]
+
+
+class CrossMoments(NamedTuple):
+    """Prior moments of ``f`` at test inputs ``X``: :meth:`FunctionSpaceMAP.cross_moments`."""
+
+    mean: Tensor
+    """``f(X; θ*) + J(X) m``, ``(M, O)``."""
+    kernel: Tensor
+    """``J(X) S² Jᵀ`` against the data, ``(M·O, N·O)``."""
+    prior: Tensor
+    """``diag J(X) S² J(X)ᵀ`` ``(M, O)``, or its per-example blocks ``(M, O, O)``."""
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    return all(
+        x.shape == y.shape and x.device == y.device and torch.equal(x, y)
+        if isinstance(x, Tensor) else x == y
+        for x, y in zip(a, b)
+    )  # fmt: skip
 
 
 def block_left(L: Tensor, Z: Tensor, transpose: bool = False) -> Tensor:
@@ -62,11 +82,13 @@ class FunctionSpaceMAP:
         self.problem = problem._replace(X=X.detach().clone(), y=problem.y.clone())  # see matches
         self.m = problem.prior_mean.detach().clone()
         self.lin, self.versions = lin, lin.space.versions()
-        J = lin.jacobian(X)  # (N, O, P), dropped after the Grams: only (G, N·O, N·O) is kept
+        J = lin.jacobian(X)  # (N, O, P)
         self.shape = J.shape[:2]
-        self.grams = lin.space.group_grams(J.reshape(-1, J.shape[-1]).T)  # (G, N·O, N·O)
+        self.J = J.reshape(-1, J.shape[-1])  # (N·O, P): kept for the predictive's cross kernels
+        self.grams = lin.space.group_grams(self.J.T)  # (G, N·O, N·O)
         self.f0 = lin(X)
-        self.mu0 = self.f0 + (J.reshape(-1, J.shape[-1]) @ self.m).reshape(self.shape)
+        self.mu0 = self.f0 + (self.J @ self.m).reshape(self.shape)
+        self._cross: tuple | None = None  # the last cross_moments: (key, result)
 
     def matches(self, problem: LaplaceProblem) -> bool:
         """Whether this is ``problem``: the same X, y, prior mean m, linearization and θ*."""
@@ -159,6 +181,52 @@ class FunctionSpaceMAP:
         return psi / temperature - torch.linalg.cholesky((A + A.T) / 2).diagonal().log().sum()
 
     def delta(self, var: Tensor, a: Tensor) -> Tensor:
-        """δ* = m + S² Jᵀ a (one VJP)."""
-        Jta = self.lin.vjp(self.problem.X, a.reshape(self.shape))
-        return self.m + self.lin.space.expand_group_values(var) * Jta
+        """δ* = m + S² Jᵀ a ``(P,)``."""
+        return self.m + self.lin.space.expand_group_values(var) * (self.J.T @ a)
+
+    def cross_moments(self, X: Tensor, var: Tensor, full_cov: bool) -> CrossMoments:
+        r"""The prior moments of ``f`` at test inputs ``X`` ``(M, ...)`` jointly with the data.
+
+        At σ² = ``var`` (``S² = diag σ²``), with ``J_*`` the Jacobian at ``X``:
+        ``f(X; θ*) + J_* m`` ``(M, O)``, the cross kernel ``K(X, X_data) = J_* S² Jᵀ``
+        ``(M·O, N·O)`` and the prior variances ``diag J_* S² J_*ᵀ`` ``(M, O)`` (``full_cov``:
+        the per-example blocks ``(M, O, O)``). ``J_*`` is formed for at most ``N`` test inputs
+        at a time (and ``chunk_size``), so memory stays that of the data's Jacobian,
+        ``N·O·P``. Cost: the Jacobian at ``X`` and one ``(b·O, P) × (P, N·O)`` GEMM per block
+        of ``b`` test inputs, ``O(M·O·P·N·O)`` in all, at no σ² or temperature but ``var``.
+        The last result is kept and returned again for the same ``X``, ``var`` and θ* (a
+        cross-validation grid predicts the same held-out inputs at every temperature).
+
+        Example:
+            >>> from pyro_ntk.laplace.route import LaplaceProblem
+            >>> from pyro_ntk.likelihoods import get_likelihood
+            >>> from pyro_ntk.linearization import Linearization
+            >>> net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+            >>> lin = Linearization(net.double())
+            >>> X, y = torch.randn(6, 2, dtype=torch.float64), torch.arange(6) % 3
+            >>> m = torch.zeros(lin.num_params, dtype=torch.float64)
+            >>> lik = get_likelihood("example", "categorical")
+            >>> fs = FunctionSpaceMAP(LaplaceProblem(lin, lik, None, m, X, y))
+            >>> c = fs.cross_moments(torch.randn(4, 2).double(), torch.tensor(1.0).double(), False)
+            >>> tuple(c.mean.shape), tuple(c.kernel.shape), tuple(c.prior.shape)
+            ((4, 3), (12, 18), (4, 3))
+        """
+        lin = self.lin
+        key = (X.detach().clone(), var.detach().clone(), full_cov, lin.space.versions())
+        if self._cross is not None and _same_key(self._cross[0], key):
+            return self._cross[1]
+        s = lin.space.expand_group_values(var.detach()).to(self.J)
+        size = min(self.shape[0], lin.chunk_size or self.shape[0])
+        shift, kernel, prior = [], [], []
+        for Xb in X.split(size):
+            Jb = lin.jacobian(Xb)  # (b, O, P)
+            shift.append(Jb @ self.m)
+            if full_cov:
+                prior.append(torch.einsum("nop,nqp->noq", Jb * s, Jb))
+            else:
+                prior.append(Jb.square() @ s)
+            Jb = Jb.reshape(-1, Jb.shape[-1])
+            kernel.append(Jb.mul_(s) @ self.J.T)  # in place: one (b·O, P) block alive
+        result = CrossMoments(lin(X) + torch.cat(shift), torch.cat(kernel), torch.cat(prior))
+        self._cross = (key, result)
+        return result

@@ -78,8 +78,10 @@ class LinearizedLaplace(LaplacePosterior):
     ``N·O``-sized steps; the same MAP as SVI with ``AutoDelta`` on
     :class:`~pyro_ntk.models.LinearizedModel`) and the
     posterior's eigen-form; :meth:`predict` gives class probabilities (probit or Monte Carlo)
-    with one JVP of ``r + 1`` (or ``S``) columns and no Jacobian for the test points; :meth:`log_marginal_likelihood` is the Laplace evidence and
-    :meth:`optimize_prior` maximises it over σ² (scalar or per layer).
+    with one JVP of ``r + 1`` (or ``S``) columns, or on the ``kernel`` route from the test
+    points' cross kernels ``J_* S² Jᵀ`` (function space, no ``P × r`` matrix);
+    :meth:`log_marginal_likelihood` is the Laplace evidence and :meth:`optimize_prior`
+    maximises it over σ² (scalar or per layer).
 
     Args:
         network: the trained ``nn.Module`` (never mutated), or a
@@ -114,8 +116,8 @@ class LinearizedLaplace(LaplacePosterior):
     Cost: ``dense`` O(N·O·P² + P³) time, O(P²) memory; ``kernel`` the Jacobian on the data
     once (O(P·(N·O)²) for the per-layer Grams ``J_g J_gᵀ``, kept while the data, the prior
     mean and θ* are unchanged, so refits at another σ² or ``temperature`` skip it), then
-    O((N·O)³) per Newton step and one VJP with ``r ≤ N·O`` columns per posterior, O(P·N·O)
-    memory; ``lanczos`` ``r`` Fisher products (JVP + VJP over N each), O(P·r) memory.
+    O((N·O)³) per Newton step and per posterior, O(M·O·P·N·O) for the cross kernels of
+    ``M`` test points (reused across temperatures), O(P·N·O) memory; ``lanczos`` ``r`` Fisher products (JVP + VJP over N each), O(P·r) memory.
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -277,9 +279,7 @@ class LinearizedLaplace(LaplacePosterior):
             self._loglik = self._lik.log_prob(self._f_map, problem.y, self.noise)
 
     def _posterior(self, seed: int = 0) -> None:
-        self._U, self._lam = self._route.fit_posterior(
-            self._f_map, self.variance, self.temperature, seed
-        )
+        self._lam = self._route.fit_posterior(self._f_map, self.variance, self.temperature, seed)
 
     def _newton_step(self, seed: int) -> None:
         """δ ← δ + (F + D_T)⁻¹ ∇ log p(y, δ): exact Newton (F + D_T = Σ_T / T is the Hessian)."""

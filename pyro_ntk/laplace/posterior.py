@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from pyro_ntk._checks import check_positive_int
-from pyro_ntk.laplace.predictive import PREDICTIONS, function_moments, predictive_mean
+from pyro_ntk.laplace.predictive import PREDICTIONS, predictive_mean
 from pyro_ntk.laplace.route import map_fisher
 from pyro_ntk.preconditioners import EigenPreconditioner
 from pyro_ntk.solvers import SolverDiagnostics, solve_damped
@@ -109,6 +109,11 @@ class LaplacePosterior:
         return self.prior_std(variance) / math.sqrt(self.temperature)
 
     @property
+    def _U(self) -> Tensor:
+        """The kept eigenvectors ``(P, r)`` (formed on first use on the ``kernel`` route)."""
+        return self._route.U
+
+    @property
     def eigenvalues(self) -> Tensor:
         """λ, the kept eigenvalues of the prior-whitened Fisher ``S F S``."""
         self._require_fit("LinearizedLaplace.eigenvalues")
@@ -163,15 +168,16 @@ class LaplacePosterior:
             J \Sigma J^\top = J S^2 J^\top - (J S U)\,\mathrm{diag}\tfrac{\lambda}{1+\lambda}\,(J S U)^\top
 
         from one JVP of ``r + 1`` columns and the exact NTK diagonal, or the per-example
-        Jacobian when ``full_cov`` (:mod:`pyro_ntk.laplace.predictive`).
+        Jacobian when ``full_cov`` (:mod:`pyro_ntk.laplace.predictive`); on the ``kernel``
+        route from the cross kernels ``J S² J_dataᵀ`` instead, with no ``P × r`` matrix
+        (:meth:`~pyro_ntk.laplace.kernel.KernelRoute.function_moments`).
         """
         where = "LinearizedLaplace.predictive_f"
         self._require_fit(where)
         X = self.lin.check_inputs(where, "X", X)
-        return function_moments(
-            self.lin, X, self.delta, self.prior_std(), self._U, self._lam, self.variance,
-            full_cov,
-        )  # fmt: skip
+        return self._route.function_moments(
+            X, self.delta, self.variance, self.temperature, full_cov
+        )
 
     def predict(
         self,

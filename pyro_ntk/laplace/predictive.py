@@ -25,7 +25,7 @@ from torch import Tensor
 from pyro_ntk.likelihoods import GLMLikelihood
 from pyro_ntk.linearization import Linearization
 
-__all__ = ["PREDICTIONS", "function_moments", "predictive_mean"]
+__all__ = ["PREDICTIONS", "function_moments", "posterior_moments", "predictive_mean"]
 
 #: The predictive means of ``y`` that :func:`predictive_mean` offers.
 PREDICTIONS = ("probit", "mc", "map")
@@ -58,14 +58,26 @@ def function_moments(
         (torch.Size([5, 2]), torch.Size([5, 2, 2]))
     """
     V = torch.cat([delta[:, None], S[:, None] * U], dim=1)  # (P, 1 + r)
-    w = lam / (1 + lam)
     JV = lin.jvp(X, V)  # [δ*, S U] → [J δ*, J S U] in one JVP
-    mean = lin(X) + JV[..., 0]
     W = JV[..., 1:]  # (N, O, r)
     if full_cov:
-        return mean, _prior_blocks(lin, X, S.square()) - torch.einsum("nor,nqr->noq", W * w, W)
-    prior = lin.ntk_diag(X, variance).reshape(W.shape[:2])
-    return mean, (prior - (W.square() * w).sum(-1)).clamp_min(0)
+        prior = _prior_blocks(lin, X, S.square())
+    else:
+        prior = lin.ntk_diag(X, variance).reshape(W.shape[:2])
+    return lin(X) + JV[..., 0], posterior_moments(prior, W, lam)
+
+
+def posterior_moments(prior: Tensor, W: Tensor, lam: Tensor) -> Tensor:
+    r"""``prior − W diag(λ/(1+λ)) Wᵀ`` per example: the posterior's (co)variances of ``f``.
+
+    ``prior`` ``(N, O)`` (variances, result clamped at 0) or ``(N, O, O)`` (blocks);
+    ``W = J S U`` ``(N, O, r)``, however it was computed (one JVP, or the ``kernel`` route's
+    cross kernels). Cost ``O(N·O·r)`` (``O(N·O²·r)`` for blocks).
+    """
+    w = lam / (1 + lam)
+    if prior.dim() == 3:
+        return prior - torch.einsum("nor,nqr->noq", W * w, W)
+    return (prior - (W.square() * w).sum(-1)).clamp_min(0)
 
 
 def _prior_blocks(lin: Linearization, X: Tensor, scale: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+from pyro_ntk.laplace.predictive import function_moments
 from pyro_ntk.likelihoods import GLMLikelihood
 from pyro_ntk.linearization import Linearization
 from pyro_ntk.operators import FisherLinearOperator
@@ -91,7 +92,7 @@ class LaplaceRoute:
     """One route: the eigen-form of ``S_T F S_T`` and the evidence's log-determinant.
 
     Built per fit for a :class:`LaplaceProblem`; :meth:`fit_posterior` runs first and keeps
-    what :meth:`log_det` needs.
+    what :meth:`log_det` and :meth:`function_moments` need.
     """
 
     method: ClassVar[LaplaceMethod]
@@ -103,20 +104,42 @@ class LaplaceRoute:
 
     def fit_posterior(
         self, f_map: Tensor, variance: Tensor, temperature: float, seed: int
-    ) -> tuple[Tensor, Tensor]:
-        """The kept eigenpairs ``(U, λ)`` of ``S_T F S_T``, ``(P, r)`` and ``(r,)``.
+    ) -> Tensor:
+        """The kept eigenvalues λ ``(r,)`` of ``S_T F S_T``; their directions are :attr:`U`.
 
         At σ² = ``variance`` (scalar or ``(G,)``) and the outputs ``f_map`` (Λ's point);
         eigenvalues at rounding level (relative ``10·eps``) are dropped.
         """
         U, lam = self._eigenpairs(f_map, variance, temperature, seed)
-        keep = lam > lam.max().clamp_min(0) * torch.finfo(lam.dtype).eps * 10
-        self.U, self.lam = U[:, keep], lam[keep]
-        return self.U, self.lam
+        self.keep = lam > lam.max().clamp_min(0) * torch.finfo(lam.dtype).eps * 10
+        self.lam, self._U = lam[self.keep], None if U is None else U[:, self.keep]
+        return self.lam
+
+    @property
+    def U(self) -> Tensor:
+        """The kept eigenvectors ``(P, r)`` of ``S_T F S_T`` (orthonormal columns).
+
+        A route whose predictive needs no ``P × r`` matrix (``kernel``) forms them here, on
+        first use (draws, solves, the dense Σ).
+        """
+        if self._U is None:
+            self._U = self._directions()[:, self.keep]
+        return self._U
+
+    def _directions(self) -> Tensor:
+        raise NotImplementedError
+
+    def function_moments(
+        self, X: Tensor, delta: Tensor, variance: Tensor, temperature: float, full_cov: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Predictive mean and (co)variance of ``f`` at ``X``: :func:`.function_moments`."""
+        S = self.prior_std(variance)
+        return function_moments(self.problem.lin, X, delta, S, self.U, self.lam, variance, full_cov)
 
     def _eigenpairs(
         self, f_map: Tensor, variance: Tensor, temperature: float, seed: int
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor | None, Tensor]:
+        """``(U, λ)``, or ``(None, λ)`` with ``U`` left to :meth:`_directions`."""
         raise NotImplementedError
 
     def log_det(self, variance: Tensor, temperature: float, where: str) -> Tensor:

@@ -59,9 +59,10 @@ def cross_validate_temperature(
     order they appear in ``y``), so every fold holds out the same share of each class. On the
     other examples ``fit(X_kept, y_kept)`` returns a fitted :class:`~pyro_ntk.LinearizedLaplace`
     (categorical or Bernoulli likelihood); it is refitted at each candidate ``T`` on the same
-    data (the ``kernel`` route reuses its Jacobian across them) and scored by the held-out
-    NLL of its default (probit) predictive, with probabilities floored at ``1e-12`` (one
-    confidently wrong example costs at most 27.6 nats instead of an infinite score).
+    data (the ``kernel`` route reuses its Jacobians and the held-out examples' cross kernels
+    across them) and scored by the held-out NLL of its default (probit) predictive, with
+    probabilities floored at ``1e-12`` (one confidently wrong example costs at most 27.6 nats
+    instead of an infinite score).
 
     When to use it: for a *new* output layer (a head trained on other classes), where the Bayes
     posterior is underconfident. Where the source head already fits the target's classes,
