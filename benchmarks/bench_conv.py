@@ -9,7 +9,9 @@ Everything in one process, timed round-robin (min of ``--repeats``, :mod:`_commo
    per engine (``functorch``, ``cached``, ``structured``, and what ``auto`` picks) one K·v,
    16 right-hand sides and the first call (building the caches); plain ``torch.func``
    vjp+jvp; the dense K (at ``--n-dense``) against ``torch.func`` Jacobian contraction
-   (``vmap(jacrev)`` + ``einsum``). Once with every parameter (BatchNorm's affine
+   (``vmap(jacrev)`` + ``einsum``), beside the structured engine's general route alone
+   (its channel-separable Gram off: :mod:`pyro_ntk._engines.structured.separable`) and the
+   largest difference between the two. Once with every parameter (BatchNorm's affine
    parameters factored as per-channel diagonal layers) and once with the conv/linear
    weights only.
 2. **Dense-K route rule**: per conv layer, the patch Gram and the Jacobian contraction
@@ -152,6 +154,9 @@ def measure(fns: dict, repeats: int, device: str) -> dict:
 
 
 # ---------------------------------------------------------------------------- timings
+GENERAL = "structured, general route only (no channel-separable Gram), dense K"
+
+
 def products_table(
     net, X, X_dense, params, repeats, device, dense: bool, engines=ENGINES
 ) -> tuple[str, dict]:
@@ -193,6 +198,15 @@ def products_table(
         for e, lin in lins.items():
             lin(X_dense)
             dfns[f"{e}, dense K"] = lambda lin=lin: lin.ntk_dense(X_dense)
+        general = GENERAL
+        if "structured" in lins:  # the same engine without its channel-separable Gram
+            plain = Linearization(net, params, implementation="structured")
+            plain.ntk_dense(X_dense[:2])  # proves the dense routes (finds separable layers)
+            plain.engine.separable.candidates.clear()
+            dfns[general] = lambda: plain.ntk_dense(X_dense)
+            diff = (lins["structured"].ntk_dense(X_dense) - plain.ntk_dense(X_dense)).abs()
+            fig["separable vs general route, max abs diff"] = float(diff.max())
+            fig["separable layers"] = sorted(lins["structured"].engine.separable.candidates)
         if params is None:
             dfns["torch.func Jacobian contraction"] = jacobian_contraction(net, X_dense)
         dbest = measure(dfns, repeats, device)
@@ -201,7 +215,15 @@ def products_table(
         fig.update({k: t / fbd for k, t in dbest.items()})
         if params is None:
             jc = dbest["torch.func Jacobian contraction"]
-            fig["dense speedup"] = {e: jc / dbest[f"{e}, dense K"] for e in lins}
+            keys = [f"{e}, dense K" for e in lins] + [general] * (general in dbest)
+            fig["dense speedup"] = {k: jc / dbest[k] for k in keys}
+            print(f"  dense K, × faster than torch.func JC: {fig['dense speedup']}", flush=True)
+        if "separable vs general route, max abs diff" in fig:
+            print(
+                f"  separable layers {fig['separable layers']}; dense K against the general "
+                f"route: max abs diff {fig['separable vs general route, max abs diff']:.3g}",
+                flush=True,
+            )
     table = markdown_table([f"N={N}, O={O}", "ms", "× fwd+bwd"], rows)
     return table, fig
 

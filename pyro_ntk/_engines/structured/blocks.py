@@ -45,10 +45,16 @@ LEAF_ROWS = 160
 """Most rows of a diagonal block of the symmetric Gram (a full GEMM below this size)."""
 
 
-def pair_blocks(n1: int, n2: int, per_pair: int) -> Iterator[tuple[slice, slice]]:
-    """Row and column slices covering ``n1 × n2`` example pairs, ``≤ BLOCK_ELEMENTS`` each."""
-    b1 = max(1, min(n1, int((BLOCK_ELEMENTS / per_pair) ** 0.5)))
-    b2 = max(1, min(n2, BLOCK_ELEMENTS // (per_pair * b1)))
+def pair_blocks(
+    n1: int, n2: int, per_pair: int, limit: int | None = None
+) -> Iterator[tuple[slice, slice]]:
+    """Row and column slices covering ``n1 × n2`` example pairs, ``≤ limit`` elements each.
+
+    ``limit`` defaults to :data:`BLOCK_ELEMENTS`.
+    """
+    limit = BLOCK_ELEMENTS if limit is None else limit
+    b1 = max(1, min(n1, int((limit / per_pair) ** 0.5)))
+    b2 = max(1, min(n2, limit // (per_pair * b1)))
     for i in range(0, n1, b1):
         for j in range(0, n2, b2):
             yield slice(i, min(n1, i + b1)), slice(j, min(n2, j + b2))

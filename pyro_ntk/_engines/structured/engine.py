@@ -58,6 +58,7 @@ from pyro_ntk._engines.structured.products import (
     layers_vjp,
     piece_scales,
 )
+from pyro_ntk._engines.structured.separable import SeparableLayers
 from pyro_ntk.parameters import ParameterSpace
 
 BUILD_COLUMNS = 4
@@ -115,6 +116,7 @@ class StructuredEngine(Engine):
         self.streaming = True
         self._row_bytes: dict[tuple, float] = {}  # per input signature, bytes of factors per row
         self._force: str | None = None  # "factored" or "streaming" while proving a route
+        self.separable = SeparableLayers()  # layers of the channel-separable dense K
 
     def clear_cache(self) -> None:
         """Release every cached chunk."""
@@ -207,7 +209,8 @@ class StructuredEngine(Engine):
         The per-layer route rule (:func:`~.gram.choose_route`) depends on the sizes, so the
         probe's own choice does not exercise both: the factored blocks are computed once
         with the patch Gram forced and once with Jacobian contraction forced, and the
-        patch Gram is switched off (reported) when they disagree.
+        patch Gram is switched off (reported) when they disagree. The channel-separable
+        layers are then found and proven on the probe (:meth:`.separable.SeparableLayers.prove`).
         """
         bad = proof.index_gram_errors(self, ref)
         if bad:
@@ -221,6 +224,8 @@ class StructuredEngine(Engine):
                 report.add(
                     "dense K (structured)", "fallback", f"{problem} → Jacobian contraction only"
                 )
+        if self.plan.layers:
+            self.separable.prove(self.plan, self._factors(ref.X), report)
         super().prove_dense(where, ref, report)
 
     # ------------------------------------------------------------------ factors
@@ -348,7 +353,7 @@ class StructuredEngine(Engine):
             return super().ntk_block(X1, X2, scale)
         f1 = self._factors(X1)
         f2 = f1 if X2 is X1 else self._factors(X2)
-        K = layers_block(self.plan, f1, f2, scales)
+        K = layers_block(self.plan, f1, f2, scales, separable=self.separable)
         if self.plan.generic:
             J1 = self._generic_jacobian(X1)
             J2 = J1 if X2 is X1 else self._generic_jacobian(X2)

@@ -32,6 +32,11 @@ and the bias block is :math:`(\sum_s B_{n,o,s}) \cdot (\sum_{s'} B_{m,p,s'})`. T
 convolutions with many positions the contraction. ``benchmarks/bench_conv.py`` times
 both routes per layer of a ResNet-style network against this rule.
 
+A third route applies where the sensitivities are rank one per (example, channel), which
+is proven on every pair of chunks, never assumed: the **channel-separable Gram** of
+:mod:`.separable`, ``P_l + O²·d_out`` multiply-adds per pair instead of ``O²·P_W``
+(layers that reach the outputs only through channel-wise maps and a final Linear layer).
+
 All layers add into one ``(n1·O, n2·O)`` buffer (:class:`GramSum`). When ``X2`` is ``X1``
 only its upper triangle is computed, by the recursive blocks of
 :func:`~pyro_ntk._engines.structured.blocks.add_gram` (about ``0.56·(n·O)²·P`` multiply-adds
@@ -51,6 +56,7 @@ from pyro_ntk._engines.structured import embedding as emb
 from pyro_ntk._engines.structured.blocks import add_gram, mirror_upper, pair_blocks
 from pyro_ntk._engines.structured.factors import Factors
 from pyro_ntk._engines.structured.plan import Layer, Plan
+from pyro_ntk._engines.structured.separable import SeparableLayers
 
 NARROW = 1024
 """Gradient matrices with fewer columns are contracted together, one GEMM per scale."""
@@ -240,16 +246,45 @@ def blocked_gram(
         acc.gram_now(G1.view(n1 * O, d_out * w), G2.view(n2 * O, d_out * w), alpha)
 
 
+def general_flops(layer: Layer, f1: Factors, i: int, n1: int, n2: int, patch: bool) -> float:
+    """Multiply-adds per example pair of layer ``i``'s general route (bias included)."""
+    B, G = f1.B[i], f1.wgrads[i] if f1.wgrads[i] is not None else f1.bsums[i]
+    O = (B if B is not None else G).shape[1]
+    P_W = layer.d_out * layer.d_in
+    bias = O * O * layer.d_out if layer.bias is not None else 0
+    if layer.weight is None:
+        return bias
+    if B is None:
+        return contraction_flops(1, P_W, O, n1, n2, formed=True) + bias
+    S = B.shape[2]
+    best = contraction_flops(S, P_W, O, n1, n2, formed=False)
+    if patch:
+        best = min(best, patch_gram_flops(S, layer.in_width, layer.d_out, O, layer.groups))
+    return best + bias
+
+
+def _rows(f: Factors, i: int) -> int:
+    held = [t for t in (f.B[i], f.wgrads[i], f.bsums[i]) if t is not None]
+    return held[0].shape[0] if held else 0
+
+
 def layers_block(
-    plan: Plan, f1: Factors, f2: Factors, scales: list[tuple], route: str | None = None
+    plan: Plan,
+    f1: Factors,
+    f2: Factors,
+    scales: list[tuple],
+    route: str | None = None,
+    separable: SeparableLayers | None = None,
 ) -> Tensor | None:
     """``Σ_l J_l(X1) S_l J_l(X2)ᵀ``, ``(n1·O, n2·O)`` (``None``: no layer).
 
     Per layer the route of :func:`choose_route` (``route`` forces ``"patch"`` wherever the
     factors are held, or ``"contraction"`` everywhere; ``plan.patch_gram = False`` turns
     the patch Gram off); layers holding per-example gradients instead of factors contract
-    them. When ``f2 is f1`` (``X2`` is ``X1``) only the upper triangle is computed and then
-    mirrored (:class:`GramSum`): the result is exactly symmetric.
+    them. With ``separable`` (and no forced ``route``), its candidate layers whose chunks
+    pass the rank-one test take the channel-separable Gram when it is cheaper
+    (:mod:`.separable`). When ``f2 is f1`` (``X2`` is ``X1``) only the upper triangle is
+    computed and then mirrored (:class:`GramSum`): the result is exactly symmetric.
     """
     same = f2 is f1
     acc = GramSum(symmetric=same)
@@ -260,6 +295,13 @@ def layers_block(
             pad = layer.module.padding_idx
             acc.add(sw * emb.embedding_gram(f1.index[i], B1, f2.index[i], B2, pad))
             continue
+        if separable is not None and route is None and layer.module_name in separable.candidates:
+            n1, n2 = _rows(f1, i), _rows(f2, i)
+            other = general_flops(layer, f1, i, n1, n2, allowed)
+            part = separable.block(layer, i, f1, f2, (sw, sb), other)
+            if part is not None:
+                acc.add(part)
+                continue
         factored = allowed and A1 is not None and A2 is not None
         if factored and A1.shape[1] == 1 and layer.groups == 1:
             acc.add(_linear_block(A1, B1, A2, B2, layer, sw, sb))
