@@ -66,7 +66,7 @@ class HyperparameterMixture:
     def __init__(self, model: NTKGPRegression, posterior: GridPosterior | SamplePosterior):
         self.model, self.posterior = model, posterior
         self._data = (model.X, model.y)  # the data the weights were computed from
-        self._last: tuple | None = None  # (Xnew, noiseless, components) of the latest call
+        self._last: tuple | None = None  # (Xnew, its version, noiseless, components): latest call
 
     @property
     def variance(self) -> Tensor:
@@ -94,18 +94,23 @@ class HyperparameterMixture:
         (one per layer with layer variances), ``diag K(Xnew)`` and
         :func:`~pyro_ntk.gp.hyperposterior.mixture_moments` (or
         :func:`~pyro_ntk.gp.importance.sample_moments`); the latest ``Xnew`` (the same
-        tensor object) is answered from a cache, so that ``__call__``, :meth:`log_prob` and
+        tensor object, not modified in place since) is answered from a cache, so that ``__call__``, :meth:`log_prob` and
         :meth:`cdf` on one test set cost one evaluation.
         """
-        last = self._last
-        if last is not None and last[0] is Xnew and last[1] == noiseless:
-            return last[2]
         model = self.model
         if model.X is not self._data[0] or model.y is not self._data[1]:
             raise ValueError(
                 "HyperparameterMixture: the model's data changed (set_data) after "
                 "integrate_hyperparameters; integrate again for the new data."
             )
+        last = self._last
+        if (
+            last is not None
+            and last[0] is Xnew
+            and last[1] == Xnew._version
+            and last[2] == noiseless
+        ):
+            return last[3]
         lin = model.linearization
         Xnew = lin.check_inputs("HyperparameterMixture", "Xnew", Xnew)
         model._check_Xnew_shape(Xnew)
@@ -130,7 +135,7 @@ class HyperparameterMixture:
             mean = model._mean(Xnew).reshape(1, M * O) + shift
         shape = (-1, M) if model._squeeze else (-1, M, O)
         out = self.posterior.weights, mean.reshape(shape), var.reshape(shape)
-        self._last = (Xnew, noiseless, out)
+        self._last = (Xnew, Xnew._version, noiseless, out)
         return out
 
     def __call__(self, Xnew: Tensor, noiseless: bool = False) -> tuple[Tensor, Tensor]:
@@ -196,7 +201,7 @@ def integrate_hyperparameters(
     small).
 
     Args:
-        model: an :class:`~pyro_ntk.NTKGPRegression` with targets and one σ².
+        model: an :class:`~pyro_ntk.NTKGPRegression` with targets (one σ², or one per layer).
         width: the prior standard deviation of ``log σ²`` and ``log s²`` (default 3: a
             factor ``e³ ≈ 20`` per standard deviation; the grid then spans a factor of
             ``e¹² ≈ 1.6·10⁵`` either side of the medians).

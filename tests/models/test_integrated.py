@@ -252,3 +252,6 @@ def test_components_of_the_same_inputs_are_computed_once(monkeypatch):
     mix(Xs.clone())  # another tensor: computed again, the same numbers
     assert len(calls) == 2
     torch.testing.assert_close(mix(Xs.clone())[1], var, rtol=0, atol=0)
+    Xs.mul_(2.0)  # modified in place: not answered from the cache
+    torch.testing.assert_close(mix(Xs)[0], mix(Xs.clone())[0], rtol=0, atol=0)
+    assert not torch.equal(mix(Xs)[0], mean)
