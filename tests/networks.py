@@ -92,11 +92,15 @@ def set_running_stats(net: nn.Module) -> nn.Module:
     return net
 
 
-def group_scale(net: nn.Module, values: torch.Tensor) -> torch.Tensor:
-    """Per-parameter σ² from per-layer values (groups = owning modules, in order)."""
+def group_scale(net: nn.Module, values: torch.Tensor, names=None) -> torch.Tensor:
+    """Per-parameter σ² from per-layer values (groups = owning modules, in order), built from
+    the parameter names, not from the engine; ``names``: only these parameters (a
+    linearization's ``lin.space.names``), all by default."""
     layers, out = [], []
     for name, p in net.named_parameters():
-        layer = name.rsplit(".", 1)[0]
+        if names is not None and name not in names:
+            continue
+        layer = name.rsplit(".", 1)[0] if "." in name else ""
         if layer not in layers:
             layers.append(layer)
         out.append(values[layers.index(layer)].expand(p.numel()))

@@ -6,25 +6,12 @@ import gc
 
 import pytest
 import torch
-from networks import CASE_IDS, CASES, assert_unchanged, snapshot
+from networks import CASE_IDS, CASES, assert_unchanged, group_scale, snapshot
+from product_checks import check, rel_err
 from torch import nn
 
 from pyro_ntk import Linearization, NTKImplementation
 from pyro_ntk.testing import reference_jacobian
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
-
-
-def group_scale(lin: Linearization, variance: torch.Tensor) -> torch.Tensor:
-    """σ² per parameter from per-group values, built from names (not from the engine)."""
-    groups = [n.rsplit(".", 1)[0] if "." in n else "" for n in lin.space.names]
-    order = list(dict.fromkeys(groups))
-    return torch.cat(
-        [variance[order.index(g)].expand(t.numel()) for g, t in zip(groups, lin.theta.values())]
-    )
-
 
 STRATEGIES = [("functorch", None), ("cached", None), ("structured", None), ("structured", 4)]
 CHUNKED = [("cached", 4, "batchnorm"), ("cached", 4, "multi_output"), ("auto", 3, "layernorm")]
@@ -45,31 +32,8 @@ def test_chunked_cached_and_auto_match_reference(implementation, chunk_size, cas
 
 def check_products(case, implementation, chunk_size):
     net, X1 = case.build(n=7)
-    X2 = case.make_inputs(5)
     before = snapshot(net)
-    lin = Linearization(net, case.params, chunk_size=chunk_size, implementation=implementation)
-    J1 = reference_jacobian(net, X1, case.params)
-    J2 = reference_jacobian(net, X2, case.params)
-    N1, O, P = J1.shape
-    N2 = J2.shape[0]
-    variance = torch.rand(lin.space.num_groups) + 0.5
-    s = group_scale(lin, variance)
-    A1, A2 = J1.reshape(N1 * O, P), J2.reshape(N2 * O, P)
-
-    v = torch.randn(P, 3)
-    assert rel_err(lin.jvp(X1, v), (A1 @ v).reshape(N1, O, 3)) <= 1e-8
-    u = torch.randn(N2, O, 2)
-    assert rel_err(lin.vjp(X2, u), A2.T @ u.reshape(N2 * O, 2)) <= 1e-8
-    V = torch.randn(N2 * O, 4)
-    K12 = (A1 * s) @ A2.T
-    assert rel_err(lin.ntk_mvm(X1, X2, V, variance), K12 @ V) <= 1e-8
-    K11 = (A1 * s) @ A1.T
-    W = torch.randn(N1 * O)
-    assert rel_err(lin.ntk_mvm(X1, None, W, variance), K11 @ W) <= 1e-8
-    assert rel_err(lin.ntk_dense(X1, X2, variance), K12) <= 1e-8
-    assert rel_err(lin.ntk_dense(X1), A1 @ A1.T) <= 1e-8
-    assert rel_err(lin.ntk_diag(X1, variance), K11.diagonal()) <= 1e-8
-    assert rel_err(lin.jacobian(X2), J2) <= 1e-8
+    check(net, X1, case.make_inputs(5), case.params, chunk_size, implementation, layers=True)
     assert_unchanged(net, before)
     assert all(not m._forward_hooks for m in net.modules())
 
@@ -85,13 +49,13 @@ def test_gradients_flow_to_variance_and_right_hand_side(implementation):
     (lin.ntk_mvm(X, X, V, variance) * w).sum().backward()
     var_ref = variance.detach().clone().requires_grad_()
     V_ref = V.detach().clone().requires_grad_()
-    ((((J * group_scale(lin, var_ref)) @ J.T) @ V_ref) * w).sum().backward()
+    ((((J * group_scale(net, var_ref, lin.space.names)) @ J.T) @ V_ref) * w).sum().backward()
     assert rel_err(variance.grad, var_ref.grad) <= 1e-8
     assert rel_err(V.grad, V_ref.grad) <= 1e-8
     var_d = variance.detach().clone().requires_grad_()
     lin.ntk_dense(X, variance=var_d).trace().backward()
     var_ref2 = variance.detach().clone().requires_grad_()
-    ((J * group_scale(lin, var_ref2)) @ J.T).trace().backward()
+    ((J * group_scale(net, var_ref2, lin.space.names)) @ J.T).trace().backward()
     assert rel_err(var_d.grad, var_ref2.grad) <= 1e-8
 
 
