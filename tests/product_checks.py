@@ -55,3 +55,18 @@ def check(
     assert rel_err(lin.ntk_diag(X1, variance), K11.diagonal()) <= 1e-8
     assert rel_err(lin.jacobian(X2), J2) <= 1e-8
     return lin
+
+
+def check_dense_variance_gradient(net, X) -> Linearization:
+    """The structured dense ``K`` at a scalar σ² that requires grad: ``K`` and ``∂⟨W, K⟩/∂σ²``
+    against ``jacrev`` (≤ 1e-8)."""
+    lin = Linearization(net, implementation="structured")
+    J = jacrev_jacobian(net, X)
+    J = J.reshape(-1, J.shape[-1])
+    s = torch.tensor(1.3, requires_grad=True)
+    K = lin.ntk_dense(X, variance=s)
+    W = torch.randn_like(K)
+    (K * W).sum().backward()
+    assert rel_err(K.detach(), 1.3 * J @ J.T) <= 1e-8
+    assert rel_err(s.grad, (W * (J @ J.T)).sum()) <= 1e-8
+    return lin

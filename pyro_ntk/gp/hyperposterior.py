@@ -53,7 +53,14 @@ from torch import Tensor
 
 from pyro_ntk.gp.spectral import KernelSpectrum, spectral_log_prob
 
-__all__ = ["DROPPED_MASS", "EDGE_MASS", "GridPosterior", "grid_posterior", "mixture_moments"]
+__all__ = [
+    "DROPPED_MASS",
+    "EDGE_MASS",
+    "GridPosterior",
+    "drop_negligible",
+    "grid_posterior",
+    "mixture_moments",
+]
 
 DROPPED_MASS = 1e-9
 """Posterior mass that may be dropped with the smallest-weight nodes (relative error bound)."""
@@ -151,15 +158,22 @@ def grid_posterior(
     cell = float((lv[0][1] - lv[0][0]) * (ls[0][1] - ls[0][0]))
     log_evidence = torch.logsumexp(log_joint.reshape(-1), 0) + math.log(cell)
     variance, noise = LV.exp(), LS.exp()
-    flat = weights.reshape(-1)
-    order = torch.argsort(flat)
-    dropped = torch.cumsum(flat[order], 0) <= DROPPED_MASS
-    keep = order[~dropped]
-    mass = float(flat[order[dropped]].sum())
-    w = flat[keep] / flat[keep].sum()
+    keep, w, mass = drop_negligible(weights.reshape(-1))
     return GridPosterior(
         variance.reshape(-1)[keep], noise.reshape(-1)[keep], w, log_evidence, mass, edge
     )
+
+
+def drop_negligible(weights: Tensor) -> tuple[Tensor, Tensor, float]:
+    """Drop the smallest normalized ``weights (g,)`` while their sum stays ``≤`` :data:`DROPPED_MASS`.
+
+    Returns ``(keep, w, mass)``: the kept indices, their weights renormalized to sum 1, and
+    the mass dropped (the bound on the relative error of every mixture density).
+    """
+    order = torch.argsort(weights)
+    dropped = torch.cumsum(weights[order], 0) <= DROPPED_MASS
+    keep = order[~dropped]
+    return keep, weights[keep] / weights[keep].sum(), float(weights[order[dropped]].sum())
 
 
 def mixture_moments(

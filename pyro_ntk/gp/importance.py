@@ -53,7 +53,7 @@ import torch
 from linear_operator.utils.warnings import NumericalWarning
 from torch import Tensor
 
-from pyro_ntk.gp.hyperposterior import DROPPED_MASS
+from pyro_ntk.gp.hyperposterior import drop_negligible
 
 __all__ = [
     "ADAPT_ESS",
@@ -98,7 +98,8 @@ class SamplePosterior:
         weights: normalised importance weights ``(S,)`` (sum 1).
         log_evidence: ``log p(r)``, the importance-sampling estimate of the marginal
             likelihood integrated over the prior.
-        dropped: the weight of the samples dropped (``≤`` :data:`DROPPED_MASS`).
+        dropped: the weight of the samples dropped (``≤``
+            :data:`~pyro_ntk.gp.hyperposterior.DROPPED_MASS`).
         ess: the effective sample size ``(Σ w)² / Σ w²`` of the kept round's samples.
         mode: ``θ̂``, the posterior mode in log space ``(G + 1,)`` (last: ``log s²``).
     """
@@ -255,11 +256,7 @@ def sample_posterior(
             NumericalWarning,
             stacklevel=3,
         )
-    order = torch.argsort(weights)
-    dropped = torch.cumsum(weights[order], 0) <= DROPPED_MASS
-    keep = order[~dropped]
-    mass = float(weights[order[dropped]].sum())
-    w = weights[keep] / weights[keep].sum()
+    keep, w, mass = drop_negligible(weights)
     return SamplePosterior(
         theta[keep, :G].exp(), theta[keep, G].exp(), w, log_evidence, mass, ess, mode
     )

@@ -138,6 +138,10 @@ class NTKSystem:
             if self._K is None:
                 self._K = self.lin.ntk_dense(self.X).detach()
             return variance[..., None, None] * self._K
+        return torch.einsum("...g,gij->...ij", variance, self.group_kernels())
+
+    def group_kernels(self) -> Tensor:
+        """The per-layer kernels ``K_g(X, X)`` at ``σ_g² = 1``, ``(G, N·O, N·O)`` (cached)."""
         if self._K_groups is None:
             n, G = self.size, self.num_groups
             self.lin.check_dense_memory(
@@ -145,14 +149,6 @@ class NTKSystem:
             )
             self._K_groups = torch.stack(
                 [self.lin.ntk_dense(self.X, variance=s).detach() for s in self.group_scales()]
-            )
-        return torch.einsum("...g,gij->...ij", variance, self._K_groups)
-
-    def group_kernels(self) -> Tensor:
-        """The per-layer kernels ``K_g(X, X)`` at ``σ_g² = 1``, ``(G, N·O, N·O)`` (cached)."""
-        if self._K_groups is None:
-            self.kernel(
-                torch.ones(self.num_groups, dtype=self.lin.dtype, device=self.lin.device), True
             )
         return self._K_groups
 

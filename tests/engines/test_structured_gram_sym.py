@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from networks import set_running_stats
-from product_checks import jacrev_jacobian, rel_err
+from product_checks import check_dense_variance_gradient, jacrev_jacobian, rel_err
 from torch import nn
 
 import pyro_ntk._engines.structured.blocks as blocks
@@ -168,13 +168,4 @@ def test_dense_k_symmetric_and_plain_routes_match_jacrev(monkeypatch, route):
 
 
 def test_dense_k_stays_differentiable_in_the_variance():
-    net = small_cnn()
-    X = torch.randn(6, 2, 6, 6)
-    lin = Linearization(net, implementation="structured")
-    J = jacrev_jacobian(net, X).reshape(18, -1)
-    s = torch.tensor(1.3, requires_grad=True)
-    K = lin.ntk_dense(X, variance=s)
-    W = torch.randn(18, 18)
-    (K * W).sum().backward()
-    assert rel_err(K.detach(), 1.3 * J @ J.T) <= 1e-8
-    assert rel_err(s.grad, (W * (J @ J.T)).sum()) <= 1e-8
+    check_dense_variance_gradient(small_cnn(), torch.randn(6, 2, 6, 6))

@@ -5,44 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from laplace_problems import OUTPUTS, dense_hessian, laplace_problem
 
 from pyro_ntk.laplace import LinearizedLaplace
 from pyro_ntk.laplace.predictive import function_moments
 from pyro_ntk.testing import reference_jacobian, reference_output
 
-OUTPUTS = {"categorical": 3, "bernoulli": 1, "poisson": 1, "gaussian": 2}
 TOL = {"rtol": 1e-8, "atol": 1e-10}
 
 
 def _problem(likelihood, n=9):
-    torch.manual_seed(0)
-    O = OUTPUTS[likelihood]
-    net = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, O))
-    X = torch.randn(n, 2)
-    f = reference_output(net, X)
-    if likelihood == "categorical":
-        y = torch.distributions.Categorical(logits=f).sample()
-    elif likelihood == "bernoulli":
-        y = torch.distributions.Bernoulli(logits=f[:, 0]).sample()
-    elif likelihood == "poisson":
-        y = torch.distributions.Poisson(f[:, 0].exp()).sample()
-    else:
-        y = f + 0.3 * torch.randn_like(f)
-    return net, X, y
-
-
-def _hessian(likelihood, f):
-    """Λ_n ``(N, O, O)`` at outputs ``f``, written out independently of the package."""
-    if likelihood == "categorical":
-        p = torch.softmax(f, -1)
-        return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-    if likelihood == "bernoulli":
-        p = torch.sigmoid(f)
-        return torch.diag_embed(p * (1 - p))
-    if likelihood == "poisson":
-        return torch.diag_embed(f.exp())
-    return torch.diag_embed(torch.full_like(f, 1 / 0.09))
+    return laplace_problem(likelihood, n, hidden=(5, 4))
 
 
 def _laplace(likelihood, net, T, m=None, **kw):
@@ -66,7 +39,7 @@ def test_function_space_predictive_equals_parameter_space_and_dense(likelihood, 
     # dense float64 reference: J_* (F/T + D)⁻¹ J_*ᵀ with F at the MAP outputs
     J, Js = reference_jacobian(net, X), reference_jacobian(net, Xs)
     f_map = reference_output(net, X) + J @ la.delta
-    F = torch.einsum("nop,noq,nqr->pr", J, _hessian(likelihood, f_map), J)
+    F = torch.einsum("nop,noq,nqr->pr", J, dense_hessian(likelihood, f_map, 0.09), J)
     D = 1 / la.lin.space.expand_group_values(la.variance)
     Sigma = torch.linalg.inv(F / T + torch.diag(D))
     ref = torch.einsum("nop,pq,nrq->nor", Js, Sigma, Js)

@@ -7,43 +7,15 @@ import math
 import numpy
 import pytest
 import torch
+from laplace_problems import OUTPUTS, dense_hessian, laplace_problem
 from networks import assert_unchanged, snapshot
-from torch import nn
 
 from pyro_ntk.laplace import LinearizedLaplace
 from pyro_ntk.testing import reference_jacobian, reference_output
 
-OUTPUTS = {"categorical": 3, "bernoulli": 1, "poisson": 1, "gaussian": 2}
-
 
 def _problem(likelihood, n=12, seed=0):
-    torch.manual_seed(seed)
-    O = OUTPUTS[likelihood]
-    net = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, O))
-    X = torch.randn(n, 2)
-    f = reference_output(net, X)
-    if likelihood == "categorical":
-        y = torch.distributions.Categorical(logits=f).sample()
-    elif likelihood == "bernoulli":
-        y = torch.distributions.Bernoulli(logits=f[:, 0]).sample()
-    elif likelihood == "poisson":
-        y = torch.distributions.Poisson(f[:, 0].exp()).sample()
-    else:
-        y = f + 0.3 * torch.randn_like(f)
-    return net, X, y
-
-
-def _dense_hessian(likelihood, f, noise):
-    """Λ_n (N, O, O) at outputs f, written out independently of the package."""
-    if likelihood == "categorical":
-        p = torch.softmax(f, -1)
-        return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-    if likelihood == "bernoulli":
-        p = torch.sigmoid(f)
-        return torch.diag_embed(p * (1 - p))
-    if likelihood == "poisson":
-        return torch.diag_embed(f.exp())
-    return torch.diag_embed(torch.full_like(f, 1 / noise))
+    return laplace_problem(likelihood, n, seed)
 
 
 def _make(likelihood, net, method, layer=True, **kw):
@@ -63,7 +35,7 @@ def test_covariance_and_predictive_equal_dense_reference(likelihood, method):
     assert la.method_used == method
     J = reference_jacobian(net, X)  # (N, O, P)
     f_map = reference_output(net, X) + J @ la.delta
-    F = torch.einsum("nop,noq,nqr->pr", J, _dense_hessian(likelihood, f_map, 0.09), J)
+    F = torch.einsum("nop,noq,nqr->pr", J, dense_hessian(likelihood, f_map, 0.09), J)
     var = torch.tensor([0.7, 1.8])[la.lin.space.group_index()]
     Sigma = torch.linalg.inv(F + torch.diag(1 / var))
     torch.testing.assert_close(la.covariance(), Sigma, rtol=1e-7, atol=1e-10)
@@ -323,7 +295,7 @@ def test_prior_mean_shifts_the_map_and_the_evidence_but_not_the_covariance(metho
     assert g.abs().max() < 1e-9
     # Σ = (JᵀΛ(f*)J + D)⁻¹ with Λ at the MAP outputs
     f_map = reference_output(net, X) + J @ la.delta
-    Lam = _dense_hessian("categorical", f_map, None)
+    Lam = dense_hessian("categorical", f_map, None)
     F = torch.einsum("nop,noq,nqr->pr", J, Lam, J)
     Sigma = torch.linalg.inv(F + torch.diag(1 / var))
     torch.testing.assert_close(la.covariance(), Sigma, rtol=1e-8, atol=1e-10)
@@ -456,7 +428,7 @@ def test_tempered_posterior_equals_dense_reference(method):
         la.delta - _make("categorical", net, method, prior_mean=m, **kw).fit(X, y).delta
     ).abs().max() > 1e-3
     f_map = reference_output(net, X) + J @ la.delta
-    F = torch.einsum("nop,noq,nqr->pr", J, _dense_hessian("categorical", f_map, None), J)
+    F = torch.einsum("nop,noq,nqr->pr", J, dense_hessian("categorical", f_map, None), J)
     Sigma = torch.linalg.inv(F / T + torch.diag(1 / var))
     rel = (la.covariance() - Sigma).abs().max() / Sigma.abs().max()
     assert rel < (1e-5 if method == "lanczos" else 1e-9)
