@@ -21,6 +21,7 @@ import pyro_ntk._engines.structured.separable as sep
 from pyro_ntk import Linearization
 from pyro_ntk._engines.structured.gram import layers_block
 from pyro_ntk._engines.structured.products import piece_scales
+from pyro_ntk._engines.structured.separable_layers import SeparableLayers
 
 
 class Block(nn.Module):
@@ -86,6 +87,9 @@ def test_separable_dense_k_matches_jacrev(groups, bias):
     assert fac.wgrads[held["3.skip.0"]] is not None  # the from_gradients path
     assert eng.separable.candidates == SEPARABLE
     assert set(eng.separable.taken) == SEPARABLE and not eng.separable.fallbacks
+    # conv, its BatchNorm and the skip branch added to it: one shared contraction
+    assert eng.separable.shared == {"3.b2": "3.c2", "3.skip.0": "3.c2", "3.skip.1": "3.c2"}
+    assert any(d.subject == "3.c2, 3.b2, 3.skip.0, 3.skip.1" for d in lin.plan.decisions)
     subjects = {d.subject for d in lin.plan.decisions if "channel-separable" in d.reason}
     kinds = {
         "3.c2": "Conv2d",
@@ -182,12 +186,71 @@ def test_corrupted_rank_one_factors_fail_the_test(where):
     G = fac.wgrad(i).reshape(12, -1)
     assert rel_err(sep.separable_gram(s, s, 1.0, 0.0, symmetric=False), G @ G.T) > 1e-8
     scales = piece_scales(eng.plan, None)
-    book = sep.SeparableLayers(candidates=set(SEPARABLE))
+    book = SeparableLayers(candidates=set(SEPARABLE))
     K = layers_block(eng.plan, fac, fac, scales, separable=book)
     want = layers_block(eng.plan, fac, fac, scales, route="contraction")
     assert rel_err(K, want) <= 1e-12
     assert book.fallbacks[layer.module_name][0] == 1
     assert set(book.taken) == SEPARABLE - {layer.module_name}
+
+
+class TwoBranch(nn.Module):
+    """Two pooled conv branches of equal width feeding different columns of one Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.left = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.right = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.cat([torch.relu(self.left(x)), torch.relu(self.right(x))], dim=1)
+        return self.head(h.mean((2, 3)))
+
+
+def test_layers_of_different_directions_keep_their_own_contraction():
+    """Same shapes, different head columns: each branch is its own group, K exact."""
+    net = set_running_stats(TwoBranch()).eval()
+    lin = dense_check(net, torch.randn(5, 2, 4, 4), torch.randn(4, 2, 4, 4))
+    book = lin.engine.separable
+    assert book.candidates == {"left.0", "left.1", "right.0", "right.1"}
+    assert book.shared == {"left.1": "left.0", "right.1": "right.0"}
+
+
+def test_a_wrong_shared_contraction_is_caught_on_the_probe(monkeypatch):
+    """``λ`` off by 1 %: the probe check switches sharing off, reports it, K stays exact."""
+    direction = sep.direction
+
+    def off(a, ref):
+        lam, rel = direction(a, ref)
+        return 1.01 * lam, rel
+
+    monkeypatch.setattr(sep, "direction", off)
+    lin = dense_check(resnet(), torch.randn(5, 2, 4, 4), torch.randn(4, 2, 4, 4))
+    book = lin.engine.separable
+    assert not book.share and not book.shared and set(book.taken) == SEPARABLE
+    lines = [d for d in lin.plan.decisions if d.subject == "3.c2, 3.b2, 3.skip.0, 3.skip.1"]
+    assert [d.route for d in lines] == ["fallback"] and "shared" in lines[0].reason
+
+
+def test_direction_factor_and_residual():
+    """Parallel directions give λ and a rounding-level residual; 1e3·tol off or a zero ref fail."""
+    ref = torch.randn(4, 3, 5)
+    lam = torch.randn(4, 5)
+    a = lam[:, None] * ref
+    a[1, :, 2] = 0.0  # a zero direction joins anything
+    got, rel = sep.direction(a, ref)
+    keep = torch.ones_like(lam, dtype=torch.bool)
+    keep[1, 2] = False
+    assert rel <= 8 * torch.finfo(a.dtype).eps and torch.allclose(got[keep], lam[keep])
+    tol = sep.tolerance(a.dtype)
+    b = a.clone()
+    b[2, 0, 1] += 1e3 * tol * b[2, :, 1].norm()
+    assert sep.direction(b, ref)[1] > tol
+    zero = ref.clone()
+    zero[3, :, 4] = 0.0
+    assert sep.direction(a, zero)[1] == 1.0  # nothing to be parallel to
 
 
 def test_rank_one_test_tolerance_and_zero_slices():

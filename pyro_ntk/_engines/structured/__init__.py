@@ -40,8 +40,8 @@ One module per step: :mod:`.plan` (which layers are factored, and the example di
 each), :mod:`.factors` (the per-chunk ``A`` and ``B``), :mod:`.products` (the products from
 them), :mod:`.gram` (the dense kernel, the cheaper of two routes per layer),
 :mod:`.separable` (the dense Gram of layers whose sensitivities are rank one per (example,
-channel), proven on each batch); :mod:`.engine` ties them to the generic remainder and the
-proof.
+channel)) and :mod:`.separable_layers` (which layers take it, proven on each batch);
+:mod:`.engine` ties them to the generic remainder and the proof.
 """
 
 from pyro_ntk._engines.structured.engine import StructuredEngine as StructuredEngine

@@ -58,7 +58,7 @@ from pyro_ntk._engines.structured.products import (
     layers_vjp,
     piece_scales,
 )
-from pyro_ntk._engines.structured.separable import SeparableLayers
+from pyro_ntk._engines.structured.separable_layers import SeparableLayers
 from pyro_ntk.parameters import ParameterSpace
 
 BUILD_COLUMNS = 4
@@ -210,7 +210,7 @@ class StructuredEngine(Engine):
         probe's own choice does not exercise both: the factored blocks are computed once
         with the patch Gram forced and once with Jacobian contraction forced, and the
         patch Gram is switched off (reported) when they disagree. The channel-separable
-        layers are then found and proven on the probe (:meth:`.separable.SeparableLayers.prove`).
+        layers are then found and proven on the probe (:meth:`.separable_layers.SeparableLayers.prove`).
         """
         bad = proof.index_gram_errors(self, ref)
         if bad:

@@ -35,7 +35,8 @@ both routes per layer of a ResNet-style network against this rule.
 A third route applies where the sensitivities are rank one per (example, channel), which
 is proven on every pair of chunks, never assumed: the **channel-separable Gram** of
 :mod:`.separable`, ``P_l + O²·d_out`` multiply-adds per pair instead of ``O²·P_W``
-(layers that reach the outputs only through channel-wise maps and a final Linear layer).
+(layers that reach the outputs only through channel-wise maps and a final Linear layer);
+layers sharing their sensitivity directions share one channel contraction.
 
 All layers add into one ``(n1·O, n2·O)`` buffer (:class:`GramSum`). When ``X2`` is ``X1``
 only its upper triangle is computed, by the recursive blocks of
@@ -56,7 +57,7 @@ from pyro_ntk._engines.structured import embedding as emb
 from pyro_ntk._engines.structured.blocks import add_gram, mirror_upper, pair_blocks
 from pyro_ntk._engines.structured.factors import Factors
 from pyro_ntk._engines.structured.plan import Layer, Plan
-from pyro_ntk._engines.structured.separable import SeparableLayers
+from pyro_ntk._engines.structured.separable_layers import SeparableLayers
 
 NARROW = 1024
 """Gradient matrices with fewer columns are contracted together, one GEMM per scale."""
@@ -167,14 +168,15 @@ class GramSum:
         self.K: Tensor | None = None
         self.narrow: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
 
-    def _buffer(self, m1: int, m2: int, like: Tensor) -> Tensor:
+    def buffer(self, m1: int, m2: int, like: Tensor) -> Tensor:
+        """The ``(m1, m2)`` buffer that everything is added into (zeros when first asked)."""
         if self.K is None:
             self.K = like.new_zeros(m1, m2)
         return self.K
 
     def add(self, part: Tensor) -> None:
         """``K += part`` (a complete ``(m1, m2)`` block, or its upper triangle when symmetric)."""
-        self._buffer(*part.shape, part).add_(part)
+        self.buffer(*part.shape, part).add_(part)
 
     def gram(self, G1: Tensor, G2: Tensor, alpha) -> None:
         """``K += α G1 G2ᵀ``; ``G1 (m1, P)``, ``G2 (m2, P)`` (``G2`` is ``G1`` when symmetric).
@@ -193,19 +195,19 @@ class GramSum:
             one.append(G1)
             two.append(G2)
             return
-        K = self._buffer(G1.shape[0], G2.shape[0], G1)
+        K = self.buffer(G1.shape[0], G2.shape[0], G1)
         add_gram(K, G1, G2, alpha, self.symmetric)
 
     def gram_now(self, G1: Tensor, G2: Tensor, alpha: float) -> None:
         """``K += α G1 G2ᵀ`` at once (``G1``, ``G2`` may be overwritten after the call)."""
-        add_gram(self._buffer(G1.shape[0], G2.shape[0], G1), G1, G2, alpha, self.symmetric)
+        add_gram(self.buffer(G1.shape[0], G2.shape[0], G1), G1, G2, alpha, self.symmetric)
 
     def result(self) -> Tensor | None:
         """The accumulated ``K`` (``None``: nothing was added)."""
         for alpha, (one, two) in self.narrow.items():
             G1 = torch.cat(one, dim=1) if len(one) > 1 else one[0]
             G2 = G1 if self.symmetric else (torch.cat(two, dim=1) if len(two) > 1 else two[0])
-            K = self._buffer(G1.shape[0], G2.shape[0], G1)
+            K = self.buffer(G1.shape[0], G2.shape[0], G1)
             add_gram(K, G1, G2, alpha, self.symmetric)
         self.narrow = {}
         if self.symmetric and self.K is not None:
@@ -230,7 +232,8 @@ def blocked_gram(
     n2, d_in = B2.shape[0], A1.shape[2]
     same = acc.symmetric
     rows = max(n1, n2) * O * d_out
-    width = min(d_in, max(WORK_ELEMENTS // rows, -(-NARROW // d_out), 1))
+    budget = max(WORK_ELEMENTS, n1 * n2 * O * O)  # never more than the block being built
+    width = min(d_in, max(budget // rows, -(-NARROW // d_out), 1))
     Bc1 = B1.permute(0, 1, 3, 2).reshape(n1, O * d_out, S)
     Bc2 = Bc1 if same else B2.permute(0, 1, 3, 2).reshape(n2, O * d_out, S)
     work1 = A1.new_empty(n1 * O * d_out * width)
@@ -289,6 +292,7 @@ def layers_block(
     same = f2 is f1
     acc = GramSum(symmetric=same)
     allowed = plan.patch_gram and route != "contraction"
+    members = []  # layers taking the channel-separable Gram in this block
     for i, (layer, (sw, sb)) in enumerate(zip(plan.layers, scales)):
         A1, B1, A2, B2 = f1.A[i], f1.B[i], f2.A[i], f2.B[i]
         if f1.index[i] is not None:  # an Embedding: the Gram by token equality
@@ -298,9 +302,9 @@ def layers_block(
         if separable is not None and route is None and layer.module_name in separable.candidates:
             n1, n2 = _rows(f1, i), _rows(f2, i)
             other = general_flops(layer, f1, i, n1, n2, allowed)
-            part = separable.block(layer, i, f1, f2, (sw, sb), other)
-            if part is not None:
-                acc.add(part)
+            member = separable.member(layer, i, f1, f2, (sw, sb), other)
+            if member is not None:
+                members.append(member)
                 continue
         factored = allowed and A1 is not None and A2 is not None
         if factored and A1.shape[1] == 1 and layer.groups == 1:
@@ -324,4 +328,7 @@ def layers_block(
             b1 = b1.reshape(-1, b1.shape[2])
             b2 = b1 if same else f2.bsum(i).reshape(-1, b1.shape[1])
             acc.gram(b1, b2, sb)
+    if members:
+        (n1, O, _), n2 = members[0].s1.a.shape, members[0].s2.a.shape[0]
+        separable.gram(members, acc.buffer(n1 * O, n2 * O, members[0].s1.a), same)
     return acc.result()

@@ -38,6 +38,14 @@ linearized), ``h (C, n)`` (``None``: no bias). Cost: the test and ``H`` take abo
 for the last 3×3 convolution of ``resnet_small``, ``C = 64``, ``O = 10``); memory
 ``n·C·d_in`` and a workspace of :data:`WORK_ELEMENTS`.
 
+**Shared contractions.** Layers on the same channel-wise path to the outputs (a
+convolution, the BatchNorm after it, the skip branch added to it) have the same direction
+``a[n, :, c]`` up to a factor ``λ[n, c]``; :func:`share_directions` tests this on both chunks
+(:func:`direction`, the same ``256·eps`` bound) and :func:`channel_gram` then sums their
+per-channel Grams before the one contraction with ``a`` that costs most of the time
+(``n1·n2·O·C`` multiply-adds and a ``T`` of that size per layer otherwise).
+Which layers take the route is decided and recorded by :mod:`.separable_layers`.
+
 >>> a, D, A = torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.randn(2, 5, 6)
 >>> B = a[:, :, None, :] * D[:, None]  # (n, O, S, C), rank one per (n, c)
 >>> s = from_factors(A, B, groups=1, weight=True, bias=False)
@@ -49,16 +57,14 @@ True
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from pyro_ntk._engines.preflight import Report, agree, relative_error
-from pyro_ntk._engines.preflight import tolerance as preflight_tolerance
 from pyro_ntk._engines.structured.blocks import pair_blocks
 from pyro_ntk._engines.structured.factors import Factors
-from pyro_ntk._engines.structured.plan import Layer, Plan
+from pyro_ntk._engines.structured.plan import Layer
 
 WORK_ELEMENTS = 1 << 21
 """Most elements of one block's intermediate ``T`` (8 MiB in float32), in a reused workspace."""
@@ -170,33 +176,125 @@ def separable_gram(s1: Separated, s2: Separated, sw, sb, symmetric: bool) -> Ten
     (``s2`` is ``s1``): blocks wholly below the diagonal are skipped and left zero, as in
     :func:`~.gram.patch_gram`.
     """
-    n1, O, C = s1.a.shape
-    n2 = s2.a.shape[0]
-    a2t = s2.a.permute(2, 0, 1).contiguous()  # (C, n2, O)
-    K = s1.a.new_zeros(n1, O, n2, O)
-    grad = any(isinstance(x, Tensor) and x.requires_grad for x in (sw, sb))
+    n1, O, _ = s1.a.shape
+    K = s1.a.new_zeros(n1, O, s2.a.shape[0], O)
+    channel_gram([Member(s1, s2, sw, sb)], K, symmetric)
+    return K.reshape(n1 * O, -1)
+
+
+@dataclass
+class Member:
+    """One layer's separable forms on the two chunks, its scales, and its factor ``λ``.
+
+    ``lam1 (n1, C)``, ``lam2 (n2, C)``: ``a ≈ λ·a_ref`` per (example, channel) against the
+    group's first member (``None``: it is the first member).
+    """
+
+    s1: Separated
+    s2: Separated
+    sw: object
+    sb: object
+    name: str = ""
+    lam1: Tensor | None = None
+    lam2: Tensor | None = None
+
+    def channel_grams(self, r: slice, q: slice) -> Tensor | float:
+        """``λ1 λ2ᵀ ⊙ (σ_W² H1[c] H2[c]ᵀ + σ_b² h1[c] h2[c]ᵀ)`` on pairs ``(r, q)``: ``(C, b1, b2)``."""
+        s1, s2 = self.s1, self.s2
+        M = 0.0
+        if s1.H is not None:
+            M = self.sw * torch.bmm(s1.H[:, r], s2.H[:, q].transpose(1, 2))
+        if s1.h is not None:
+            M = M + self.sb * (s1.h[:, r, None] * s2.h[:, None, q])
+        if self.lam1 is not None:
+            M = M * (self.lam1[r].T[:, :, None] * self.lam2[q].T[:, None, :])
+        return M
+
+
+def direction(a: Tensor, ref: Tensor) -> tuple[Tensor, float]:
+    """``λ (n, C)`` with ``a[n,:,c] ≈ λ[n,c]·ref[n,:,c]``, and the largest relative residual.
+
+    ``λ`` is the projection ``⟨a, ref⟩ / ‖ref‖²`` per (example, channel); the residual
+    ``‖a − λ·ref‖ / ‖a‖`` (0 for a zero ``a``; 1 where ``ref`` is zero and ``a`` is not).
+    ``a``, ``ref``: ``(n, O, C)``.
+    """
+    rr = ref.square().sum(1)
+    lam = (a * ref).sum(1) / torch.where(rr > 0, rr, torch.ones_like(rr))
+    resid = torch.linalg.vector_norm(a - lam[:, None] * ref, dim=1)
+    norm = torch.linalg.vector_norm(a, dim=1)
+    rel = resid / torch.where(norm > 0, norm, torch.ones_like(norm))
+    return lam, float(rel.max()) if rel.numel() else 0.0
+
+
+def share_directions(members: list[Member], symmetric: bool) -> list[list[Member]]:
+    r"""Members in groups whose ``a`` agree up to a factor per (example, channel).
+
+    Layers that reach the outputs through the same channel-wise path (a convolution, the
+    BatchNorm after it, the skip branch added to it) have the same sensitivity direction
+    ``a[n,:,c]`` up to a scalar ``λ[n,c]``. Then their dense blocks share one contraction:
+
+    .. math::
+
+        \sum_l K_l[(n,o),(m,p)] = \sum_c ar a_1[n,o,c]\,ar a_2[m,p,c]
+            \sum_l \lambda^l_1[n,c]\,\lambda^l_2[m,c]\,M^l_c[n,m],
+
+    with ``ā`` the group's first member's ``a`` — one ``T`` pass for the group instead of
+    one per layer. A member joins the first group whose ``ā`` it matches on **both**
+    chunks within :func:`tolerance` (:func:`direction`; the same bound as the rank-one
+    test, by the same argument); otherwise it starts a group.
+    """
+    groups: list[list[Member]] = []
+    for m in members:
+        tol = tolerance(m.s1.a.dtype)
+        for g in groups:
+            ref = g[0]
+            if ref.s1.a.shape != m.s1.a.shape or ref.s2.a.shape != m.s2.a.shape:
+                continue
+            lam1, r1 = direction(m.s1.a, ref.s1.a)
+            lam2, r2 = (lam1, r1) if symmetric else direction(m.s2.a, ref.s2.a)
+            if max(r1, r2) <= tol:
+                m.lam1, m.lam2 = lam1, lam2
+                g.append(m)
+                break
+        else:
+            groups.append([m])
+    return groups
+
+
+def channel_gram(group: list[Member], out: Tensor, symmetric: bool) -> None:
+    r"""``out += Σ_{l ∈ group} K_l`` (``out (n1, O, n2, O)``) by one channel contraction.
+
+    Per block of example pairs (:func:`~.blocks.pair_blocks`, at most :data:`WORK_ELEMENTS`
+    of ``T``) the members' per-channel Grams summed, ``M[c]`` (:meth:`Member.channel_grams`,
+    one ``bmm`` each), then ``T[n,c,m,p] = M[c,n,m] ā2[m,p,c]`` into a reused workspace and
+    ``out[n,o,(m,p)] += Σ_c ā1[n,o,c] T[n,c,(m,p)]`` (one ``bmm`` over ``n``). ``symmetric``
+    (the same chunk on both sides): blocks wholly below the diagonal are skipped, as in
+    :func:`~.gram.patch_gram`.
+    """
+    a1, a2 = group[0].s1.a, group[0].s2.a
+    n1, O, C = a1.shape
+    n2 = a2.shape[0]
+    a2t = a2.permute(2, 0, 1).contiguous()  # (C, n2, O)
+    grad = any(isinstance(x, Tensor) and x.requires_grad for m in group for x in (m.sw, m.sb))
     blocks = [
         (r, q)
         for r, q in pair_blocks(n1, n2, O * C, WORK_ELEMENTS)
         if not (symmetric and q.stop <= r.start)
     ]
     largest = max(((r.stop - r.start) * (q.stop - q.start) for r, q in blocks), default=0)
-    work = None if grad else K.new_empty(largest * C * O)  # out= records no autograd
+    work = None if grad else a1.new_empty(largest * C * O)  # out= records no autograd
     for r, q in blocks:
-        M = 0.0
-        if s1.H is not None:
-            M = sw * torch.bmm(s1.H[:, r], s2.H[:, q].transpose(1, 2))  # (C, b1, b2)
-        if s1.h is not None:
-            M = M + sb * (s1.h[:, r, None] * s2.h[:, None, q])
+        M = group[0].channel_grams(r, q)
+        for m in group[1:]:
+            M = M + m.channel_grams(r, q)
         b1, b2 = r.stop - r.start, q.stop - q.start
         Mt = M.transpose(0, 1).contiguous().unsqueeze(3)  # (b1, C, b2, 1)
         if work is None:
             T = Mt * a2t[:, q].unsqueeze(0)
         else:
             T = torch.mul(Mt, a2t[:, q], out=work[: b1 * C * b2 * O].view(b1, C, b2, O))
-        part = torch.bmm(s1.a[r], T.view(b1, C, b2 * O))  # (b1, O, b2·O)
-        K[r, :, q] += part.view(b1, O, b2, O)
-    return K.reshape(n1 * O, n2 * O)
+        part = torch.bmm(a1[r], T.view(b1, C, b2 * O))  # (b1, O, b2·O)
+        out[r, :, q] += part.view(b1, O, b2, O)
 
 
 def separate(layer: Layer, fac: Factors, i: int) -> Separated | None:
@@ -219,121 +317,3 @@ def separate(layer: Layer, fac: Factors, i: int) -> Separated | None:
     if wgrad is None and bsum is None:
         return None
     return from_gradients(wgrad, bsum, layer.d_out)
-
-
-def _width(layer: Layer) -> int:
-    return layer.d_in * (layer.weight is not None) + (layer.bias is not None)
-
-
-@dataclass
-class SeparableLayers:
-    """Which layers take the separable Gram, and what happened on the batches.
-
-    ``candidates``: layers whose chunk passed the rank-one test on the probe and whose
-    separable Gram agreed with Jacobian contraction there (:meth:`prove`); every dense
-    block re-tests them on its own two chunks (:meth:`block`). ``rejected``: layers the
-    separable Gram would make cheaper that failed the test on the probe, with their
-    residual (they take the general route, as before any test). ``taken``: per layer, the
-    blocks that took the separable Gram; ``fallbacks``: per layer, the blocks whose
-    chunks failed the test (they took the general route) and the largest residual seen.
-    """
-
-    candidates: set[str] = field(default_factory=set)
-    rejected: dict[str, float] = field(default_factory=dict)
-    taken: dict[str, int] = field(default_factory=dict)
-    fallbacks: dict[str, tuple[int, float]] = field(default_factory=dict)
-    report: Report | None = field(default=None, repr=False)
-
-    def prove(self, plan: Plan, fac: Factors, report: Report) -> None:
-        """Find the candidates on the probe's factors ``fac`` and record them in ``report``.
-
-        A layer is a candidate when the separable Gram costs fewer multiply-adds than
-        Jacobian contraction, its probe chunk passes the rank-one test, and its separable
-        Gram agrees with ``G Gᵀ`` there (preflight tolerance); a layer that passes the
-        test but disagrees is reported as a fallback and not used.
-        """
-        self.report = report
-        for i, layer in enumerate(plan.layers):
-            s = separate(layer, fac, i)
-            if s is None:
-                continue
-            n, O, C = s.a.shape
-            P_l = layer.d_out * _width(layer)
-            tol = tolerance(s.a.dtype)
-            if separable_flops(C, _width(layer), O) >= O * O * P_l:
-                continue
-            if s.residual > tol:
-                self.rejected[layer.module_name] = s.residual
-                continue
-            parts = []
-            if layer.weight is not None:
-                parts.append(fac.wgrad(i).reshape(n * O, -1))
-            if layer.bias is not None:
-                parts.append(fac.bsum(i).reshape(n * O, -1))
-            G = torch.cat(parts, dim=1)
-            want, got = G @ G.T, separable_gram(s, s, 1.0, 1.0, symmetric=False)
-            subject = f"{layer.module_name} ({type(layer.module).__name__})"
-            if not agree(got, want, preflight_tolerance(s.a.dtype)):
-                report.add(
-                    subject,
-                    "fallback",
-                    f"dense K: the separable Gram is off by {relative_error(got, want):.2g} "
-                    "from Jacobian contraction on the probe → the general route",
-                )
-                self.candidates.discard(layer.module_name)
-                continue
-            self.candidates.add(layer.module_name)
-            report.add(
-                subject,
-                "fast path",
-                "dense K channel-separable: ∂f/∂z rank one per (example, channel) on the "
-                f"probe (relative residual ≤ {tol:.1g}), agrees with Jacobian contraction; "
-                "re-tested on the chunks of every dense block",
-            )
-
-    def block(
-        self,
-        layer: Layer,
-        i: int,
-        f1: Factors,
-        f2: Factors,
-        scales: tuple,
-        other_flops: float,
-    ) -> Tensor | None:
-        """Layer ``i``'s dense block by the separable Gram, or ``None``: take the general route.
-
-        ``None`` when the layer is no candidate, when its general route (``other_flops``
-        multiply-adds per example pair) is cheaper, or when either chunk fails the
-        rank-one test (counted in ``fallbacks`` and reported).
-        """
-        if layer.module_name not in self.candidates:
-            return None
-        s1 = separate(layer, f1, i)
-        if s1 is None:
-            return None
-        O, C = s1.a.shape[1:]
-        if separable_flops(C, _width(layer), O) >= other_flops:
-            return None
-        same = f2 is f1
-        s2 = s1 if same else separate(layer, f2, i)
-        if s2 is None:
-            return None
-        tol = tolerance(s1.a.dtype)
-        residual = max(s1.residual, s2.residual)
-        if residual > tol:
-            self.failed(layer, residual, tol)
-            return None
-        self.taken[layer.module_name] = self.taken.get(layer.module_name, 0) + 1
-        return separable_gram(s1, s2, scales[0], scales[1], symmetric=same)
-
-    def failed(self, layer: Layer, residual: float, tol: float) -> None:
-        """Count and report one block of ``layer`` whose chunks failed the rank-one test."""
-        count, worst = self.fallbacks.get(layer.module_name, (0, 0.0))
-        self.fallbacks[layer.module_name] = (count + 1, max(worst, residual))
-        if self.report is not None:
-            self.report.add(
-                f"{layer.module_name} ({type(layer.module).__name__})",
-                "fallback",
-                "dense K: ∂f/∂z not rank one per (example, channel) on a batch (relative "
-                f"residual over {tol:.1g}) → the general route for its blocks",
-            )
