@@ -44,8 +44,8 @@ only its upper triangle is computed, by the recursive blocks of
 instead of ``(n·O)²·P``), then mirrored: the result is exactly symmetric. Narrow gradient
 matrices (biases, BatchNorm, small convolutions) are contracted side by side in one GEMM;
 a layer holding its factors forms its gradients one block of input columns at a time
-(:func:`blocked_gram`, at most :data:`WORK_ELEMENTS` floats), never the whole
-``(n·O, P_W)``.
+(:func:`blocked_gram`, a workspace no larger than the block being built, or
+:data:`WORK_ELEMENTS` floats), never the whole ``(n·O, P_W)``.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ NARROW = 1024
 """Gradient matrices with fewer columns are contracted together, one GEMM per scale."""
 
 WORK_ELEMENTS = 1 << 23
-"""Most elements of one column block of a layer's per-example gradients (32 MiB in float32)."""
+"""Elements of one column block of a layer's per-example gradients (32 MiB in float32) when
+the block being built is smaller; otherwise up to that block's size."""
 
 
 def patch_gram_flops(S: int, width: int, d_out: int, O: int, groups: int) -> int:
@@ -225,8 +226,11 @@ def blocked_gram(
     ``(n, O·d_out, S)·(n, S, |C|)`` into a workspace reused from block to block; the Grams of
     the blocks sum to the whole (they partition ``G``'s columns). Same multiply-adds as
     forming ``G`` whole (``n·O·S·d_out·d_in``, then the Gram's), in
-    ``n·O·d_out·|C| ≤`` :data:`WORK_ELEMENTS` floats instead of ``n·O·d_out·d_in``, and no
-    freshly allocated ``G`` to page in at every call.
+    ``n·O·d_out·|C| ≤ max(``:data:`WORK_ELEMENTS`\ ``, n1·n2·O²)`` floats (at most the size
+    of the block being built, or 32 MiB) instead of ``n·O·d_out·d_in``, and no freshly
+    allocated ``G`` to page in at every call. Wide blocks keep the ``bmm`` efficient: at
+    ``n = 512``, ``O = 10``, ``d_out = 64`` the 32 MiB bound alone gives 25 columns a block,
+    whose ``bmm`` ran at 65·10⁹ flop/s against 141·10⁹ for 96 (this 2-core CPU).
     """
     n1, O, S, d_out = B1.shape
     n2, d_in = B2.shape[0], A1.shape[2]
