@@ -82,13 +82,24 @@ class FunctionSpaceMAP:
         self.problem = problem._replace(X=X.detach().clone(), y=problem.y.clone())  # see matches
         self.m = problem.prior_mean.detach().clone()
         self.lin, self.versions = lin, lin.space.versions()
-        J = lin.jacobian(X)  # (N, O, P)
-        self.shape = J.shape[:2]
-        self.J = J.reshape(-1, J.shape[-1])  # (N·O, P): kept for the predictive's cross kernels
-        self.grams = lin.space.group_grams(self.J.T)  # (G, N·O, N·O)
         self.f0 = lin(X)
-        self.mu0 = self.f0 + (self.J @ self.m).reshape(self.shape)
+        self.shape = self.f0.shape  # (N, O)
+        n, G = self.f0.numel(), lin.space.num_groups
+        lin.check_dense_memory(
+            "LinearizedLaplace (kernel route)",
+            f"{G} per-group kernels of shape ({n}, {n})",
+            G * n * n,
+        )
+        eye = torch.eye(G, dtype=lin.dtype, device=lin.device)
+        # J_g S² J_gᵀ at σ_g² = 1, by the engine's kernel products: no N·O × P Jacobian
+        self.grams = torch.stack([lin.ntk_dense(X, variance=e).detach() for e in eye])
+        self.mu0 = self.f0 + lin.jvp(X, self.m)
         self._cross: tuple | None = None  # the last cross_moments: (key, result)
+
+    def vjp(self, u: Tensor) -> Tensor:
+        """``Jᵀ u`` at the data: ``u`` ``(N·O,)`` or ``(N·O, k)`` gives ``(P,)`` or ``(P, k)``."""
+        N, O = self.shape
+        return self.lin.vjp(self.problem.X, u.reshape(N, O, *u.shape[1:]))
 
     def matches(self, problem: LaplaceProblem) -> bool:
         """Whether this is ``problem``: the same X, y, prior mean m, linearization and θ*."""
@@ -182,7 +193,7 @@ class FunctionSpaceMAP:
 
     def delta(self, var: Tensor, a: Tensor) -> Tensor:
         """δ* = m + S² Jᵀ a ``(P,)``."""
-        return self.m + self.lin.space.expand_group_values(var) * (self.J.T @ a)
+        return self.m + self.lin.space.expand_group_values(var) * self.vjp(a.detach())
 
     def cross_moments(self, X: Tensor, var: Tensor, full_cov: bool) -> CrossMoments:
         r"""The prior moments of ``f`` at test inputs ``X`` ``(M, ...)`` jointly with the data.
@@ -190,10 +201,11 @@ class FunctionSpaceMAP:
         At σ² = ``var`` (``S² = diag σ²``), with ``J_*`` the Jacobian at ``X``:
         ``f(X; θ*) + J_* m`` ``(M, O)``, the cross kernel ``K(X, X_data) = J_* S² Jᵀ``
         ``(M·O, N·O)`` and the prior variances ``diag J_* S² J_*ᵀ`` ``(M, O)`` (``full_cov``:
-        the per-example blocks ``(M, O, O)``). ``J_*`` is formed for at most ``N`` test inputs
-        at a time (and ``chunk_size``), so memory stays that of the data's Jacobian,
-        ``N·O·P``. Cost: the Jacobian at ``X`` and one ``(b·O, P) × (P, N·O)`` GEMM per block
-        of ``b`` test inputs, ``O(M·O·P·N·O)`` in all, at no σ² or temperature but ``var``.
+        the per-example blocks ``(M, O, O)``), all by the linearization's products (a JVP,
+        the cross kernel block and the kernel diagonal), never a Jacobian; test inputs are
+        taken at most ``N`` (and ``chunk_size``) at a time. Cost: those products, about the
+        dense cross kernel's ``O(M·O·N·O)`` per parameter-sized contraction of the engine,
+        at no σ² or temperature but ``var``.
         The last result is kept and returned again for the same ``X``, ``var`` and θ* (a
         cross-validation grid predicts the same held-out inputs at every temperature).
 
@@ -215,18 +227,19 @@ class FunctionSpaceMAP:
         key = (X.detach().clone(), var.detach().clone(), full_cov, lin.space.versions())
         if self._cross is not None and _same_key(self._cross[0], key):
             return self._cross[1]
-        s = lin.space.expand_group_values(var.detach()).to(self.J)
+        var = var.detach()
+        O = self.shape[1]
         size = min(self.shape[0], lin.chunk_size or self.shape[0])
         shift, kernel, prior = [], [], []
         for Xb in X.split(size):
-            Jb = lin.jacobian(Xb)  # (b, O, P)
-            shift.append(Jb @ self.m)
+            b = Xb.shape[0]
+            shift.append(lin.jvp(Xb, self.m))
+            kernel.append(lin.ntk_dense(Xb, self.problem.X, variance=var))
             if full_cov:
-                prior.append(torch.einsum("nop,nqp->noq", Jb * s, Jb))
+                Kb = lin.ntk_dense(Xb, variance=var).reshape(b, O, b, O)
+                prior.append(Kb.diagonal(dim1=0, dim2=2).permute(2, 0, 1))
             else:
-                prior.append(Jb.square() @ s)
-            Jb = Jb.reshape(-1, Jb.shape[-1])
-            kernel.append(Jb.mul_(s) @ self.J.T)  # in place: one (b·O, P) block alive
+                prior.append(lin.ntk_diag(Xb, variance=var).reshape(b, O))
         result = CrossMoments(lin(X) + torch.cat(shift), torch.cat(kernel), torch.cat(prior))
         self._cross = (key, result)
         return result

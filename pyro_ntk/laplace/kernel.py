@@ -8,15 +8,18 @@ those of the ``N·O × N·O`` Gram
     = V \operatorname{diag}(\lambda) V^\top, \qquad U = S_T B V / \sqrt{\lambda},
 
 exact for any ``P``: the per-layer Grams ``J_g J_gᵀ`` of the function-space problem
-(:class:`~pyro_ntk.laplace.function_space.FunctionSpaceMAP`, kept with the data's Jacobian
-while the data, the prior mean and θ* are unchanged). The MAP is exact too (Newton's method
+(:class:`~pyro_ntk.laplace.function_space.FunctionSpaceMAP`, built by the linearization's
+kernel products, never a Jacobian, and kept while the data, the prior mean and θ* are
+unchanged). The MAP is exact too (Newton's method
 on ``N·O`` unknowns), and :meth:`KernelRoute.optimize_prior` maximises the evidence with δ*
 refitted at every σ². The predictive stays in function space
 (:meth:`KernelRoute.function_moments`: cross kernels ``J_* S² Jᵀ`` and ``(V, λ)``); the
 ``P × r`` directions ``U`` are formed on first use only (draws, CG solves, the dense Σ).
 
-Cost: O(P·(N·O)²) for the Grams once, then O((N·O)³) per Newton step and per posterior,
-O(M·O·P·N·O) for the cross kernels of ``M`` test inputs (once per σ²); O(P·N·O) memory.
+Cost: one dense kernel per layer group (O(P·(N·O)²) at most) once, then O((N·O)³) per
+Newton step and per posterior, the cross kernels of ``M`` test inputs (once per σ²);
+memory O(G·(N·O)²) for the Grams, and ``P × r`` for ``U`` when it is formed — no ``N·O × P``
+Jacobian.
 """
 
 from __future__ import annotations
@@ -65,9 +68,9 @@ class KernelRoute(LaplaceRoute):
         return None, self.eig[0]  # U = S_T B V / √λ on first use (:meth:`_directions`)
 
     def _directions(self) -> Tensor:
-        """``U = S_T Jᵀ L V / √λ`` ``(P, r)``: one GEMM with the data's Jacobian."""
+        """``U = S_T Jᵀ L V / √λ`` ``(P, r)``: one VJP with ``r`` columns at the data."""
         lam, V = self.eig
-        BV = self.fs.J.T @ block_left(self.L, V)  # B V = Jᵀ (L V)
+        BV = self.fs.vjp(block_left(self.L, V))  # B V = Jᵀ (L V)
         return self.S[:, None] * BV / lam.sqrt()
 
     def function_moments(self, X, delta, variance, temperature, full_cov):

@@ -113,11 +113,12 @@ class LinearizedLaplace(LaplacePosterior):
             temperature is not a property of the model: choose it by held-out likelihood
             (cross-validation), not by the evidence.
 
-    Cost: ``dense`` O(N·O·P² + P³) time, O(P²) memory; ``kernel`` the Jacobian on the data
-    once (O(P·(N·O)²) for the per-layer Grams ``J_g J_gᵀ``, kept while the data, the prior
-    mean and θ* are unchanged, so refits at another σ² or ``temperature`` skip it), then
-    O((N·O)³) per Newton step and per posterior, O(M·O·P·N·O) for the cross kernels of
-    ``M`` test points (reused across temperatures), O(P·N·O) memory; ``lanczos`` ``r`` Fisher products (JVP + VJP over N each), O(P·r) memory.
+    Cost: ``dense`` O(N·O·P² + P³) time, O(P²) memory; ``kernel`` one dense kernel per
+    layer group on the data (the per-layer Grams ``J_g J_gᵀ`` by the engine's kernel
+    products, never a Jacobian; kept while the data, the prior mean and θ* are unchanged,
+    so refits at another σ² or ``temperature`` skip them), then O((N·O)³) per Newton step
+    and per posterior, the cross kernels of ``M`` test points (reused across temperatures),
+    O(G·(N·O)²) memory; ``lanczos`` ``r`` Fisher products (JVP + VJP over N each), O(P·r) memory.
 
     Example:
         >>> _ = torch.manual_seed(0)

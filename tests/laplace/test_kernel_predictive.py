@@ -62,26 +62,38 @@ def test_function_space_predictive_equals_parameter_space_and_dense(likelihood, 
 
 
 def test_cross_kernels_are_reused_across_temperatures_and_only_there():
-    """A temperature grid on the same held-out inputs forms their Jacobian once; every refit
-    predicts what a fresh fit at that temperature predicts; new inputs or σ² recompute."""
+    """A temperature grid on the same held-out inputs forms their cross kernels once; every
+    refit predicts what a fresh fit at that temperature predicts; new inputs or σ² recompute.
+    No Jacobian is formed anywhere on the route (only kernel products)."""
     net, X, y = _problem("categorical")
-    la = _laplace("categorical", net, 1.0).fit(X, y)
+    la = _laplace("categorical", net, 1.0)
+    lin = la.lin
+    jacobians, cross = [], []
+    jacobian, dense = lin.jacobian, lin.ntk_dense
+    lin.jacobian = lambda Z: jacobians.append(Z.shape[0]) or jacobian(Z)
+
+    def counted(X1, X2=None, variance=None):
+        if X2 is not None:
+            cross.append(X1.shape[0])
+        return dense(X1, X2, variance)
+
+    lin.ntk_dense = counted
+    la.fit(X, y)
     Xs = torch.randn(5, 2)
-    calls = []
-    jacobian = la.lin.jacobian
-    la.lin.jacobian = lambda Z: calls.append(Z.shape[0]) or jacobian(Z)
     for T in (1.0, 0.3, 0.01):
         la.temperature = T
         got = la.fit(X, y).predict(Xs)
         fresh = _laplace("categorical", net, T).fit(X, y).predict(Xs)
         torch.testing.assert_close(got, fresh, rtol=1e-10, atol=1e-12)
-    assert calls == [5]  # the data's Jacobian is kept too: one Jacobian of Xs in all
+    assert cross == [5]  # one cross kernel of Xs in all
     la.predictive_f(Xs[:3])
-    assert calls == [5, 3]
+    assert cross == [5, 3]
     la.variance = la.variance * 2
     la.fit(X, y).predictive_f(Xs[:3])
-    assert calls == [5, 3, 3]
-    del la.lin.jacobian
+    assert cross == [5, 3, 3]
+    la.predictive_f(Xs[:3], full_cov=True)
+    assert cross == [5, 3, 3, 3] and jacobians == []
+    del lin.jacobian, lin.ntk_dense
 
 
 def test_another_map_takes_the_jvp_mean():
