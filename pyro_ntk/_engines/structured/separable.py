@@ -235,7 +235,7 @@ def share_directions(members: list[Member], symmetric: bool) -> list[list[Member
 
     .. math::
 
-        \sum_l K_l[(n,o),(m,p)] = \sum_c ar a_1[n,o,c]\,ar a_2[m,p,c]
+        \sum_l K_l[(n,o),(m,p)] = \sum_c \bar a_1[n,o,c]\,\bar a_2[m,p,c]
             \sum_l \lambda^l_1[n,c]\,\lambda^l_2[m,c]\,M^l_c[n,m],
 
     with ``ā`` the group's first member's ``a`` — one ``T`` pass for the group instead of
