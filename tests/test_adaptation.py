@@ -5,6 +5,8 @@ Data: scikit-learn's 8×8 digits 5–9 (relabelled 0–4), four images per class
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -192,13 +194,19 @@ def test_evidence_laplace_maximises_the_evidence(digits):
     end = reference(net, X, y, la.variance, m)
     assert fit.log_evidence_after == pytest.approx(float(end.log_marginal_likelihood()), rel=1e-9)
     torch.testing.assert_close(la.delta, end.delta, rtol=1e-6, atol=1e-9)
-    # a maximum: moving either layer's σ² by a factor 1.5 either way lowers the evidence
+    # a maximum: moving either layer's σ² by a factor 1.5 either way does not raise the
+    # evidence by more than L-BFGS's stopping rule allows. It stops once |∂ log p / ∂ log σ_g²|
+    # ≤ 1e-7 (optimize_prior's tolerance_grad); where the evidence flattens towards a bound
+    # (here the head's σ² → 0, worth < 1e-7 in all: the body's linearization carries the
+    # fit), a step of log 1.5 can still gain up to 1e-7 · log 1.5. Off the maximum the
+    # change is orders larger (0.06 for the first layer's σ² × 1.5).
+    slack = 1e-7 * math.log(1.5)
     for g in range(2):
         for factor in (1.5, 1 / 1.5):
             moved = la.variance.clone()
             moved[g] *= factor
             other = reference(net, X, y, moved, m)
-            assert float(other.log_marginal_likelihood()) < fit.log_evidence_after + 1e-8
+            assert float(other.log_marginal_likelihood()) < fit.log_evidence_after + slack
 
 
 # ---------------------------------------------------------------------- tempered_laplace
